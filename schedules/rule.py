@@ -1,0 +1,74 @@
+"""The schedule-rule interface (as in TVM's s_tir.dlight) and small helpers the rules share."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import tvm
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+from tvmlayers.targets import vector_bits
+
+
+class ScheduleRule(Protocol):
+    """A rule inspects an unscheduled PrimFunc and returns a Schedule for it, or None if it does not apply.
+
+    ``tunable=True`` asks for a search space: tile sizes become sampling instructions that MetaSchedule
+    can explore instead of the fixed choices of the default schedule.
+    """
+
+    name: str
+
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None: ...
+
+
+def op_of(func: tvm.tirx.PrimFunc) -> str | None:
+    attrs = func.attrs
+    return str(attrs["tvmlayers.op"]) if attrs is not None and "tvmlayers.op" in attrs else None
+
+
+def input_dtype(func: tvm.tirx.PrimFunc) -> str:
+    """The element type of the kernel's first input (all our kernels compute in their input's type)."""
+    return str(func.params[0].dtype)
+
+
+def vector_lanes(target: tvm.target.Target, dtype: str) -> int:
+    return max(1, vector_bits(target) // tvm.DataType(dtype).bits)
+
+
+def register_tile_limit(target: tvm.target.Target) -> int:
+    """How many accumulator vectors a micro-kernel may keep live: AVX-512 and NEON-A64 have 32 registers,
+    AVX2 has 16; a few stay free for the weight vector and the broadcast input."""
+    return 28 if vector_bits(target) >= 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 12
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM reports a missing block with its own error type
+        return False
+    return True
+
+
+def inner_loops(sch: Schedule, block: SBlockRV, outer: int, dims: list[tuple[str, int]]) -> dict[str, LoopRV]:
+    """Name the loops ``compute_at`` made for ``block`` below its first ``outer`` loops.
+
+    ``dims`` lists (name, extent) of the block's remaining iteration dimensions in order; compute_at
+    emits no loop for a dimension of extent 1, so only the others get a loop.
+    """
+    loops = sch.get_loops(block)[outer:]
+    names = [name for name, extent in dims if extent > 1]
+    if len(loops) != len(names):
+        raise RuntimeError(f"expected loops {names} under the compute_at point, found {len(loops)}")
+    return dict(zip(names, loops, strict=True))
+
+
+def parallel_outer(sch: Schedule, block_name: str, count: int) -> None:
+    """Fuse the ``count`` outermost loops of a block and run them on the thread pool."""
+    loops = sch.get_loops(sch.get_sblock(block_name))
+    sch.parallel(sch.fuse(*loops[:count]) if count > 1 else loops[0])

@@ -1,0 +1,49 @@
+"""Every versioned on-disk format and cache key of tvmlayers, documented in one place.
+
+Kernel cache (``TVMLAYERS_CACHE_DIR``, default ``$XDG_CACHE_HOME/tvmlayers`` or ``~/.cache/tvmlayers``)::
+
+    <cache>/kernels/v<KERNEL_CACHE_VERSION>/<key[:2]>/<key>/
+        kernel.so        the compiled kernel, exported by ``Executable.export_library``
+        manifest.json    written last; an entry without a valid manifest is incomplete
+
+``<key>`` is :func:`kernel_key`: the SHA-256 of the canonical JSON (sorted keys, no spaces) of::
+
+    {"format": KERNEL_KEY_VERSION, "tvm": <tvm version>, "spec": KernelSpec.to_json(),
+     "layout": <weight layout chosen for the target>, "schedule": <schedule identity>}
+
+so a new TVM, a new layout policy or a new schedule source (e.g. a tuning record) never reuses an
+old binary.  ``manifest.json`` holds::
+
+    {"format": KERNEL_CACHE_VERSION, "key": ..., "spec": {...}, "layout": {...},
+     "provenance": {"source": "default", "rule": "<rule name>"},
+     "symbol": <function name inside kernel.so>, "tvm_version": ..., "created": <unix time>,
+     "so_sha256": <hex digest of kernel.so>, "so_size": <bytes>}
+
+An entry whose manifest is missing, unparsable, of another format, or whose ``kernel.so`` does not
+match ``so_size``/``so_sha256`` is treated as corrupt: it is removed and rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+KERNEL_KEY_VERSION = 1
+KERNEL_CACHE_VERSION = 1
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON spelling used for hashing: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def kernel_key(spec_json: dict, layout: dict, schedule: dict, tvm_version: str) -> str:
+    payload = {
+        "format": KERNEL_KEY_VERSION,
+        "tvm": tvm_version,
+        "spec": spec_json,
+        "layout": layout,
+        "schedule": schedule,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()

@@ -1,0 +1,49 @@
+"""A compiled kernel loaded from the cache: a callable plus what it is and where its schedule came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from .cache import CacheEntry
+from .ops import SYMBOL
+from .spec import KernelSpec
+
+
+@dataclass
+class Kernel:
+    """Call it with DLPack-compatible tensors (torch tensors work directly): inputs, then outputs."""
+
+    spec: KernelSpec
+    key: str
+    path: Path
+    layout: dict
+    output_shapes: list[tuple[int, ...]]
+    provenance: dict  # {"source": "default", "rule": ...}; later {"source": "tuned", ...}
+    built_here: bool  # False when it was loaded from a cache entry built by an earlier call or process
+    _func: Any = field(repr=False, default=None)
+
+    @classmethod
+    def load(cls, spec: KernelSpec, entry: CacheEntry, built_here: bool) -> Kernel:
+        module = tvm.runtime.load_module(str(entry.so_path))
+        manifest = entry.manifest
+        return cls(
+            spec=spec,
+            key=entry.key,
+            path=entry.so_path,
+            layout=manifest["layout"],
+            output_shapes=[tuple(s) for s in manifest["output_shapes"]],
+            provenance=manifest["provenance"],
+            built_here=built_here,
+            _func=module[manifest.get("symbol", SYMBOL)],
+        )
+
+    @property
+    def weight_block(self) -> int:
+        return int(self.layout.get("weight_block", 1))
+
+    def __call__(self, *tensors: Any) -> None:
+        self._func(*tensors)

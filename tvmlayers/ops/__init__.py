@@ -1,0 +1,73 @@
+"""Op definitions: pure tensor expressions with torch's semantics, and the PrimFunc of a KernelSpec.
+
+``prim_func(spec, layout)`` is the single place where a spec becomes TVM IR; its argument order is the
+calling convention of the compiled kernel: inputs, then outputs.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te
+
+from ..spec import KernelSpec
+from .conv2d import conv2d_compute
+from .linear import linear_compute
+from .max_pool2d import max_pool2d_compute
+from .relu import relu_compute
+from .shapes import conv2d_output_hw, max_pool2d_output_hw
+
+__all__ = ["conv2d_compute", "linear_compute", "max_pool2d_compute", "relu_compute", "prim_func", "SYMBOL"]
+
+# The name of the kernel function inside every compiled library.
+SYMBOL = "tvmlayers_kernel"
+
+
+def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.Tensor]]:
+    dtype = spec.dtype
+    data = te.placeholder(spec.input_shape, dtype, name="data")
+    if spec.op == "conv2d":
+        out_channels, in_per_group, kh, kw = spec["weight_shape"]
+        block = layout["weight_block"]
+        weight = te.placeholder((out_channels // block, in_per_group, kh, kw, block), dtype, name="weight")
+        bias = te.placeholder((out_channels,), dtype, name="bias") if spec["bias"] else None
+        out_hw = conv2d_output_hw(
+            spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"]
+        )
+        out = conv2d_compute(
+            data,
+            weight,
+            bias,
+            spec["stride"],
+            spec["padding"],
+            spec["dilation"],
+            spec["groups"],
+            spec["padding_mode"],
+            out_hw,
+        )
+        return [data, weight] + ([bias] if bias is not None else []), [out]
+    if spec.op == "max_pool2d":
+        args = (spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"])
+        out_hw = max_pool2d_output_hw(spec.input_shape, *args, spec["ceil_mode"])
+        return [data], max_pool2d_compute(data, *args, out_hw, spec["return_indices"])
+    if spec.op == "linear":
+        out_features, in_features = spec["weight_shape"]
+        block = layout["weight_block"]
+        weight = te.placeholder((out_features // block, in_features, block), dtype, name="weight")
+        bias = te.placeholder((out_features,), dtype, name="bias") if spec["bias"] else None
+        return [data, weight] + ([bias] if bias is not None else []), [linear_compute(data, weight, bias)]
+    if spec.op == "relu":
+        return [data], [relu_compute(data)]
+    raise ValueError(f"unknown op {spec.op!r}")
+
+
+def prim_func(spec: KernelSpec, layout: dict) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of ``spec``, tagged with the op name for the schedule rules."""
+    inputs, outputs = _tensors(spec, layout)
+    func = te.create_prim_func(inputs + outputs)
+    return func.with_attr("global_symbol", SYMBOL).with_attr("tvmlayers.op", spec.op)
+
+
+def output_shapes(spec: KernelSpec, layout: dict) -> list[tuple[int, ...]]:
+    """Shapes of the kernel's outputs, in calling-convention order."""
+    _, outputs = _tensors(spec, layout)
+    return [tuple(int(d) for d in t.shape) for t in outputs]

@@ -1,0 +1,51 @@
+"""conv2d as a tensor expression, with torch's semantics (cross-correlation, groups, dilation, padding modes).
+
+The weight comes with its output channels blocked: shape ``(C_out // block, C_in // groups, kH, kW, block)``
+(block 1 is torch's OIHW layout reshaped).  The blocked accumulator ``conv_blocked`` lets CPU schedules keep
+``block`` output channels in one SIMD register; the final stage writes torch's NCHW output and adds the bias.
+"""
+
+from __future__ import annotations
+
+from tvm import te
+
+from .pad import pad2d_compute
+
+
+def conv2d_compute(
+    data: te.Tensor,
+    weight: te.Tensor,
+    bias: te.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    padding_mode: str,
+    out_hw: tuple[int, int],
+) -> te.Tensor:
+    """out[n, o, y, x] = bias[o] + sum_{c, i, j} pad(data)[n, g(o)*Cg + c, y*sh + i*dh, x*sw + j*dw] * w[o, c, i, j]."""
+    n = int(data.shape[0])
+    out_blocks, in_per_group, kh, kw, block = (int(d) for d in weight.shape)
+    out_channels = out_blocks * block
+    out_per_group = out_channels // groups
+    padded = pad2d_compute(data, padding, padding_mode)
+    (sh, sw), (dh, dw) = stride, dilation
+    c = te.reduce_axis((0, in_per_group), name="c")
+    i = te.reduce_axis((0, kh), name="i")
+    j = te.reduce_axis((0, kw), name="j")
+
+    def accumulate(b, ob, y, x, oi):
+        # block divides out_per_group, so a whole block lies in one group
+        first_in = (ob * block) // out_per_group * in_per_group
+        return te.sum(
+            padded[b, first_in + c, y * sh + i * dh, x * sw + j * dw] * weight[ob, c, i, j, oi],
+            axis=[c, i, j],
+        )
+
+    conv = te.compute((n, out_blocks, out_hw[0], out_hw[1], block), accumulate, name="conv_blocked")
+
+    def unblock(b, o, y, x):
+        value = conv[b, o // block, y, x, o % block]
+        return value + bias[o] if bias is not None else value
+
+    return te.compute((n, out_channels, out_hw[0], out_hw[1]), unblock, name="conv2d")

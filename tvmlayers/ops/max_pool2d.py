@@ -1,0 +1,77 @@
+"""max_pool2d as a tensor expression, with torch's index semantics.
+
+Windows read the input directly: a position outside the input counts as -inf and never wins.  The argmax
+reducer reproduces torch's CPU kernel exactly: the first maximum in row-major window order wins, a NaN
+wins over everything and propagates, and the index is ``y * W + x`` within the input plane.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te, tirx
+
+
+def _argmax_reducer():
+    def combine(acc, new):
+        acc_index, acc_value = acc
+        new_index, new_value = new
+        take_new = tirx.Or(
+            acc_index < 0,
+            tirx.And(new_index >= 0, tirx.Or(new_value > acc_value, tirx.isnan(new_value))),
+        )
+        return tirx.Select(take_new, new_index, acc_index), tirx.Select(take_new, new_value, acc_value)
+
+    def identity(index_dtype, value_dtype):
+        return tirx.const(-1, index_dtype), tvm.te.min_value(value_dtype)
+
+    return te.comm_reducer(combine, identity, name="torch_argmax")
+
+
+def _max_reducer():
+    # max() would drop NaNs (LLVM's maxnum); torch propagates them.
+    def combine(acc, new):
+        return tirx.Select(tirx.Or(new > acc, tirx.isnan(new)), new, acc)
+
+    return te.comm_reducer(combine, lambda dtype: tvm.te.min_value(dtype), name="torch_max")
+
+
+def max_pool2d_compute(
+    data: te.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    return_indices: bool,
+) -> list[te.Tensor]:
+    """[values] or [values, indices (int64)], each of shape (N, C, H_out, W_out)."""
+    n, c, h, w = (int(d) for d in data.shape)
+    i = te.reduce_axis((0, kernel_size[0]), name="i")
+    j = te.reduce_axis((0, kernel_size[1]), name="j")
+    lowest = tvm.te.min_value(data.dtype)
+
+    def window(y, x):
+        row = y * stride[0] - padding[0] + i * dilation[0]
+        col = x * stride[1] - padding[1] + j * dilation[1]
+        return row, col, tirx.all(row >= 0, row < h, col >= 0, col < w)
+
+    shape = (n, c, out_hw[0], out_hw[1])
+    if not return_indices:
+        reducer = _max_reducer()
+
+        def pool(b, ch, y, x):
+            row, col, inside = window(y, x)
+            return reducer(tirx.if_then_else(inside, data[b, ch, row, col], lowest), axis=[i, j])
+
+        return [te.compute(shape, pool, name="max_pool2d")]
+
+    reducer = _argmax_reducer()
+
+    def pool_with_index(b, ch, y, x):
+        row, col, inside = window(y, x)
+        index = tirx.if_then_else(inside, tirx.Cast("int64", row * w + col), tirx.const(-1, "int64"))
+        value = tirx.if_then_else(inside, data[b, ch, row, col], lowest)
+        return reducer((index, value), axis=[i, j])
+
+    indices, values = te.compute(shape, pool_with_index, name="max_pool2d")
+    return [values, indices]
