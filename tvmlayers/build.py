@@ -62,9 +62,7 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
         kernel = _memo.get(memo_key)
         if kernel is None:
             layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, spec.target)
-            key = kernel_key(
-                spec.to_json(), layout, {"source": "default", "code": code_fingerprint()}, tvm.__version__
-            )
+            key = kernel_key(spec.to_json(), layout, {"source": "default", "code": code_fingerprint()}, tvm.__version__)
             entry, built = kernel_cache.get_or_build(key, lambda so: _compile(spec, layout, so))
             kernel = _memo[memo_key] = Kernel.load(spec, entry, built)
     return kernel

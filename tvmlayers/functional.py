@@ -37,9 +37,7 @@ def _check_tensors(op: str, target: TargetLike, **tensors: torch.Tensor | None) 
         raise TypeError(f"tvmlayers {op} supports {' and '.join(DTYPES)} tensors, but got {first.dtype}")
     for value in present.values():
         if value.dtype != first.dtype:
-            raise TypeError(
-                f"expected scalar type {_scalar_name(first.dtype)} but found {_scalar_name(value.dtype)}"
-            )
+            raise TypeError(f"expected scalar type {_scalar_name(first.dtype)} but found {_scalar_name(value.dtype)}")
     devices = list(dict.fromkeys(str(t.device) for t in present.values()))
     if len(devices) > 1:
         raise ValueError(
@@ -59,9 +57,7 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return {torch.float32: "Float", torch.float64: "Double"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _run(
-    kernel: Kernel, inputs: Sequence[torch.Tensor], out_dtypes: Sequence[torch.dtype]
-) -> list[torch.Tensor]:
+def _run(kernel: Kernel, inputs: Sequence[torch.Tensor], out_dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
     outputs = [torch.empty(shape, dtype=d) for shape, d in zip(kernel.output_shapes, out_dtypes, strict=True)]
     kernel(*inputs, *outputs)
     return outputs
@@ -90,6 +86,24 @@ def conv2d(
 
     ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does.
     """
+    return conv2d_with_kernel(
+        input, weight, bias, stride, padding, dilation, groups, padding_mode=padding_mode, target=target
+    )[0]
+
+
+def conv2d_with_kernel(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | Sequence[int],
+    padding: str | int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    *,
+    padding_mode: str,
+    target: TargetLike,
+) -> tuple[torch.Tensor, Kernel | None]:
+    """``conv2d`` and the kernel that computed it (None for an empty batch)."""
     dtype, tgt = _check_tensors("conv2d", target, input=input, weight=weight, bias=bias)
     if input.dim() not in (3, 4):
         raise ValueError(
@@ -137,8 +151,7 @@ def conv2d(
 
     batched = input.unsqueeze(0) if input.dim() == 3 else input
     if batched.shape[0] == 0:
-        out = input.new_empty((0, out_channels, *out_hw))
-        return out if input.dim() == 4 else out[0]
+        return input.new_empty((0, out_channels, *out_hw)), None
     spec = KernelSpec.make(
         "conv2d",
         tuple(batched.shape),
@@ -157,7 +170,7 @@ def conv2d(
     if bias is not None:
         args.append(bias.detach().contiguous())
     (out,) = _run(kernel, args, [input.dtype])
-    return out if input.dim() == 4 else out[0]
+    return (out if input.dim() == 4 else out[0]), kernel
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
@@ -178,6 +191,24 @@ def max_pool2d(
 
     With ``return_indices`` also returns int64 indices into each flattened H*W input plane.
     """
+    outputs, _ = max_pool2d_with_kernel(
+        input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, target=target
+    )
+    return (outputs[0], outputs[1]) if return_indices else outputs[0]
+
+
+def max_pool2d_with_kernel(
+    input: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None,
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    ceil_mode: bool,
+    return_indices: bool,
+    *,
+    target: TargetLike,
+) -> tuple[list[torch.Tensor], Kernel | None]:
+    """[values] or [values, indices], and the kernel that computed them (None for an empty batch)."""
     dtype, tgt = _check_tensors("max_pool2d", target, input=input)
     if input.dim() not in (3, 4) or any(d == 0 for d in input.shape[-3:]):
         raise ValueError("non-empty 3D or 4D (batch mode) tensor expected for input")
@@ -192,6 +223,7 @@ def max_pool2d(
     out_hw = shapes.max_pool2d_output_hw(input.shape, kernel_, stride_, padding_, dilation_, bool(ceil_mode))
 
     batched = input.unsqueeze(0) if input.dim() == 3 else input
+    kernel = None
     if batched.shape[0] == 0:
         values = input.new_empty((0, input.shape[-3], *out_hw))
         outputs = [values, torch.empty(values.shape, dtype=torch.int64)]
@@ -209,12 +241,10 @@ def max_pool2d(
             return_indices=bool(return_indices),
         )
         kernel = kernel_for(spec)
-        outputs = _run(
-            kernel, [batched.detach().contiguous()], [input.dtype, torch.int64][: len(kernel.output_shapes)]
-        )
+        outputs = _run(kernel, [batched.detach().contiguous()], [input.dtype, torch.int64][: len(kernel.output_shapes)])
     if input.dim() == 3:
         outputs = [o[0] for o in outputs]
-    return (outputs[0], outputs[1]) if return_indices else outputs[0]
+    return outputs, kernel
 
 
 # ---------------------------------------------------------------------------------------------- linear
@@ -224,15 +254,20 @@ def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, target: TargetLike = None
 ) -> torch.Tensor:
     """y = x W^T + b, as ``torch.nn.functional.linear``; input (*, in_features), weight (out, in)."""
+    return linear_with_kernel(input, weight, bias, target=target)[0]
+
+
+def linear_with_kernel(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, target: TargetLike
+) -> tuple[torch.Tensor, Kernel | None]:
+    """``linear`` and the kernel that computed it (None for empty products)."""
     dtype, tgt = _check_tensors("linear", target, input=input, weight=weight, bias=bias)
     if input.dim() < 1 or weight.dim() < 1:
         raise ValueError(
             f"both arguments to linear need to be at least 1D, but they are {input.dim()}D and {weight.dim()}D"
         )
     if weight.dim() != 2:
-        raise ValueError(
-            f"linear expects a 2D weight of shape (out_features, in_features), but got {_size(weight)}"
-        )
+        raise ValueError(f"linear expects a 2D weight of shape (out_features, in_features), but got {_size(weight)}")
     out_features, in_features = weight.shape
     rows = math.prod(input.shape[:-1])
     if input.shape[-1] != in_features:
@@ -249,7 +284,7 @@ def linear(
     if rows == 0 or in_features == 0 or out_features == 0:
         # no kernel for empty products: torch's result is empty, or just the bias
         out = input.new_zeros(out_shape)
-        return out + bias.detach() if bias is not None else out
+        return (out + bias.detach() if bias is not None else out), None
     spec = KernelSpec.make(
         "linear",
         (rows, in_features),
@@ -266,7 +301,7 @@ def linear(
     if bias is not None:
         args.append(bias.detach().contiguous())
     (out,) = _run(kernel, args, [input.dtype])
-    return out.reshape(out_shape)
+    return out.reshape(out_shape), kernel
 
 
 # ------------------------------------------------------------------------------------------------ relu
@@ -274,18 +309,23 @@ def linear(
 
 def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = None) -> torch.Tensor:
     """max(0, x) elementwise; with ``inplace=True`` the result is written into ``input``, which is returned."""
+    return relu_with_kernel(input, inplace, target=target)[0]
+
+
+def relu_with_kernel(input: torch.Tensor, inplace: bool, *, target: TargetLike) -> tuple[torch.Tensor, Kernel | None]:
+    """``relu`` and the kernel that computed it (None for an empty tensor)."""
     dtype, tgt = _check_tensors("relu", target, input=input)
     if input.numel() == 0:
-        return input if inplace else input.clone()
+        return (input if inplace else input.clone()), None
     kernel = kernel_for(KernelSpec.make("relu", (input.numel(),), dtype, tgt))
     source = input.detach()
     if inplace and source.is_contiguous():
         flat = source.view(-1)
         kernel(flat, flat)  # elementwise, each element read before it is written: aliasing is safe
-        return input
+        return input, kernel
     result = torch.empty(input.shape, dtype=input.dtype)
     kernel(source.contiguous().view(-1), result.view(-1))
     if inplace:
         source.copy_(result)
-        return input
-    return result
+        return input, kernel
+    return result, kernel

@@ -54,9 +54,7 @@ def resolve_target(target: TargetLike) -> tvm.target.Target:
             return tvm.target.Target(target)
         except Exception as err:
             raise ValueError(f"invalid target dict {target!r}: {err}") from err
-    raise TypeError(
-        f"target must be a preset name, a dict or a tvm.target.Target, got {type(target).__name__}"
-    )
+    raise TypeError(f"target must be a preset name, a dict or a tvm.target.Target, got {type(target).__name__}")
 
 
 def target_json(target: tvm.target.Target) -> dict:

@@ -54,9 +54,7 @@ def _schedule(func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: 
     sch.reorder(n, oo, y, xo, oi, xi)
     sch.parallel(sch.fuse(n, oo, y))
     sch.compute_at(conv, xo)
-    loops = inner_loops(
-        sch, conv, 2, [("column", tile), ("channel", block), ("c", in_per_group), ("i", kh), ("j", kw)]
-    )
+    loops = inner_loops(sch, conv, 2, [("column", tile), ("channel", block), ("c", in_per_group), ("i", kh), ("j", kw)])
     reduction = [loops[k] for k in ("c", "i", "j") if k in loops]
     register_tile = [loops[k] for k in ("column", "channel") if k in loops]
     if vector_inner == "column":

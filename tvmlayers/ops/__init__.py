@@ -30,9 +30,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
         block = layout["weight_block"]
         weight = te.placeholder((out_channels // block, in_per_group, kh, kw, block), dtype, name="weight")
         bias = te.placeholder((out_channels,), dtype, name="bias") if spec["bias"] else None
-        out_hw = conv2d_output_hw(
-            spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"]
-        )
+        out_hw = conv2d_output_hw(spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"])
         out = conv2d_compute(
             data,
             weight,

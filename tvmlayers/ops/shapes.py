@@ -50,9 +50,7 @@ def check_conv_module_args(
         if padding == "same" and any(s != 1 for s in stride):
             raise ValueError("padding='same' is not supported for strided convolutions")
     if padding_mode not in PADDING_MODES:
-        raise ValueError(
-            f"padding_mode must be one of {set(PADDING_MODES)}, but got padding_mode='{padding_mode}'"
-        )
+        raise ValueError(f"padding_mode must be one of {set(PADDING_MODES)}, but got padding_mode='{padding_mode}'")
 
 
 def conv2d_padding(
@@ -94,9 +92,7 @@ def conv2d_output_hw(
     return ((padded[0] - effective[0]) // stride[0] + 1, (padded[1] - effective[1]) // stride[1] + 1)
 
 
-def check_conv_padding_mode(
-    in_shape: Sequence[int], padding: tuple[int, int, int, int], padding_mode: str
-) -> None:
+def check_conv_padding_mode(in_shape: Sequence[int], padding: tuple[int, int, int, int], padding_mode: str) -> None:
     """torch's ``F.pad`` limits for the non-zero padding modes."""
     top, left, bottom, right = padding
     height, width = in_shape[-2], in_shape[-1]
@@ -129,9 +125,7 @@ def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: in
 
 def check_max_pool2d_args(kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
     if kernel[0] <= 0 or kernel[1] <= 0:
-        raise ValueError(
-            f"max_pool2d: kernel_size must be greater than zero, but got kH: {kernel[0]} kW: {kernel[1]}"
-        )
+        raise ValueError(f"max_pool2d: kernel_size must be greater than zero, but got kH: {kernel[0]} kW: {kernel[1]}")
     if stride[0] <= 0 or stride[1] <= 0:
         if 0 in stride:
             raise ValueError("stride should not be zero")
@@ -159,8 +153,7 @@ def max_pool2d_output_hw(
     in_shape: Sequence[int], kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, ceil_mode: bool
 ) -> Pair:
     out = tuple(
-        pool_output_size(in_shape[-2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode)
-        for i in range(2)
+        pool_output_size(in_shape[-2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode) for i in range(2)
     )
     if out[0] < 1 or out[1] < 1:
         channels = in_shape[-3]

@@ -1,0 +1,95 @@
+"""tvmlayers.nn.Linear: torch.nn.Linear's surface, computed by a compiled TVM kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import Parameter, init
+
+from .. import functional as F
+from ..targets import TargetLike
+from ._base import CompiledLayer
+
+
+class Linear(CompiledLayer):
+    r"""Applies a linear transformation to the incoming data: :math:`y = xA^T + b`.
+
+    Same constructor, parameters, initialization and ``state_dict`` keys as :class:`torch.nn.Linear`,
+    plus keyword-only ``target``.
+
+    Shape:
+        - Input: :math:`(*, H_{in})`, :math:`*` any number of dimensions including none.
+        - Output: :math:`(*, H_{out})`, :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        weight: :math:`(\text{out\_features}, \text{in\_features})`, from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`,
+            :math:`k = \frac{1}{\text{in\_features}}`
+        bias: :math:`(\text{out\_features})`, same distribution, if ``bias=True``.
+
+    Examples::
+
+        >>> m = Linear(20, 30)
+        >>> m(torch.randn(128, 20)).size()
+        torch.Size([128, 30])
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        target: TargetLike = None,
+    ) -> None:
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(
+                f"Trying to create tensor with negative dimension {min(in_features, out_features)}: "
+                f"[{out_features}, {in_features}]"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_compiled(target)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch's initialization, call for call (kaiming_uniform with a=sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)))
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out, kernel = F.linear_with_kernel(input, self.weight, self.bias, target=self.target)
+        self._remember(input, kernel)
+        return out
+
+    def extra_repr(self) -> str:
+        return self._with_target(
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Linear, target: TargetLike = None) -> Linear:
+        new = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            target=target,
+        )
+        new.load_state_dict(module.state_dict())
+        return new
