@@ -8,8 +8,11 @@ from .kernel import Kernel
 from .nn import Conv2d, Linear, MaxPool2d, ReLU
 from .spec import KernelSpec
 from .targets import resolve_target
+from .threads import get_num_threads, init_threads, set_num_threads
 
 __version__ = "0.1.0"
+
+init_threads()
 
 __all__ = [
     "Conv2d",
@@ -23,4 +26,6 @@ __all__ = [
     "kernel_for",
     "nn",
     "resolve_target",
+    "get_num_threads",
+    "set_num_threads",
 ]

@@ -7,6 +7,7 @@ lookup once per input shape.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from functools import cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from .formats import kernel_key
 from .kernel import Kernel
 from .spec import KernelSpec
 
-_memo: dict[tuple[KernelSpec, Path], Kernel] = {}
+_memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
 
 
@@ -53,11 +54,12 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path) -> dict:
 
 def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     """The compiled kernel of ``spec``: from this process's memo, else the disk cache, else a fresh build."""
-    kernel_cache = KernelCache(cache_dir)
-    memo_key = (spec, kernel_cache.root)
+    # the memo is keyed by what decides the cache directory, without building Paths on the hot path
+    memo_key = (spec, cache_dir, os.environ.get("TVMLAYERS_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"))
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel
+    kernel_cache = KernelCache(cache_dir)
     with _memo_lock:
         kernel = _memo.get(memo_key)
         if kernel is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import tvm
@@ -14,6 +14,12 @@ from .targets import target_json
 
 OPS = ("conv2d", "max_pool2d", "linear", "relu")
 DTYPES = ("float32", "float64")
+
+
+@lru_cache(maxsize=256)
+def _target_str(target: tvm.target.Target) -> str:
+    # Targets hash by identity; resolve_target hands out one object per name, so this is a hit per call
+    return canonical_json(target_json(target))
 
 
 def _freeze(value: Any) -> Any:
@@ -39,7 +45,7 @@ class KernelSpec:
         if dtype not in DTYPES:
             raise TypeError(f"tvmlayers kernels support {', '.join(DTYPES)}, got {dtype}")
         frozen = tuple(sorted((k, _freeze(v)) for k, v in params.items()))
-        return cls(op, frozen, tuple(int(d) for d in input_shape), dtype, canonical_json(target_json(target)))
+        return cls(op, frozen, tuple(int(d) for d in input_shape), dtype, _target_str(target))
 
     def __getitem__(self, name: str) -> Any:
         return dict(self.params)[name]

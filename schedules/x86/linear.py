@@ -1,5 +1,9 @@
-"""x86 linear schedule: ``block`` output features (one SIMD register) times ``reg_m`` rows accumulate in
-registers while the reduction streams the packed weight panel ``(in_features, block)`` once per row tile."""
+"""x86 linear schedule: a register tile of ``rows`` input rows times ``blocks`` SIMD vectors of output
+features accumulates while the reduction streams the packed weight panels ``(in_features, block)``.
+
+Several independent accumulators matter even for one row (a GEMV such as a classifier head): with a
+single vector every FMA waits for the previous one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import tvm
 from tvm.s_tir import Schedule
 
 from ..rule import inner_loops, largest_divisor, op_of, register_tile_limit
+
+MAX_TILE_ROWS = 8
+MAX_TILE_BLOCKS = 8
 
 
 class X86Linear:
@@ -17,26 +24,33 @@ class X86Linear:
             return None
         sch = Schedule(func)
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
-        rows, _, block, depth = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
-        limit = min(register_tile_limit(target), 16)
+        rows, out_blocks, block, depth = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
+        limit = register_tile_limit(target)
         m, n = sch.get_loops(out)
         no, ni = sch.split(n, [None, block])
         if tunable:
-            factors = sch.sample_perfect_tile(m, n=2, max_innermost_factor=limit)
-            tile = int(sch.get(factors[1]))
+            m_factors = sch.sample_perfect_tile(m, n=2, max_innermost_factor=MAX_TILE_ROWS)
+            tile_rows = int(sch.get(m_factors[1]))
+            n_factors = sch.sample_perfect_tile(no, n=2, max_innermost_factor=max(1, limit // tile_rows))
+            tile_blocks = int(sch.get(n_factors[1]))
         else:
-            tile = largest_divisor(rows, limit)
-            factors = [None, tile]
-        mo, mi = sch.split(m, factors)
-        sch.reorder(mo, no, mi, ni)
-        sch.parallel(sch.fuse(mo, no))
+            tile_rows = largest_divisor(rows, MAX_TILE_ROWS)
+            tile_blocks = largest_divisor(out_blocks, min(MAX_TILE_BLOCKS, max(1, limit // tile_rows)))
+            m_factors, n_factors = [None, tile_rows], [None, tile_blocks]
+        mo, mi = sch.split(m, m_factors)
+        nbo, nbi = sch.split(no, n_factors)
+        sch.reorder(mo, nbo, mi, nbi, ni)
+        sch.parallel(sch.fuse(mo, nbo))
         sch.compute_at(acc, sch.get_loops(out)[0])
-        loops = inner_loops(sch, acc, 1, [("row", tile), ("feature", block), ("k", depth)])
-        sch.reorder(*(loops[k] for k in ("k", "row", "feature") if k in loops))
+        loops = inner_loops(
+            sch, acc, 1, [("row", tile_rows), ("blocks", tile_blocks), ("feature", block), ("k", depth)]
+        )
+        sch.reorder(*(loops[k] for k in ("k", "row", "blocks", "feature") if k in loops))
         if "feature" in loops:
             sch.vectorize(loops["feature"])
-        if "row" in loops:
-            sch.unroll(loops["row"])
+        for name in ("row", "blocks"):
+            if name in loops:
+                sch.unroll(loops[name])
         if "k" in loops:
             sch.decompose_reduction(acc, loops["k"])
         return sch
