@@ -53,7 +53,7 @@ CASES = EDGE_CASES + _random_cases(24)
 
 
 def _ids(case: dict) -> str:
-    return f"{case['shape']}-k{case['kernel']}-s{case['stride']}-p{case['padding']}-d{case['dilation']}-c{case['ceil_mode']}"
+    return "-".join(f"{key[0]}{case[key]}" for key in ("shape", "kernel", "stride", "padding", "dilation", "ceil_mode"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
