@@ -9,6 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# torch prints these as Python sets (built in this order), so its messages list them in set order
+_PADDING_STRINGS = ("same", "valid")
+
+
+def _invalid_padding_string(padding: str) -> ValueError:
+    return ValueError(f"Invalid padding string {padding!r}, should be one of {set(_PADDING_STRINGS)}")
+
+
 Pair = tuple[int, int]
 
 
@@ -46,7 +54,7 @@ def check_conv_module_args(
         raise ValueError("out_channels must be divisible by groups")
     if isinstance(padding, str):
         if padding not in ("valid", "same"):
-            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+            raise _invalid_padding_string(padding)
         if padding == "same" and any(s != 1 for s in stride):
             raise ValueError("padding='same' is not supported for strided convolutions")
     if padding_mode not in PADDING_MODES:
@@ -65,7 +73,7 @@ def conv2d_padding(
         if padding == "valid":
             return (0, 0, 0, 0)
         if padding != "same":
-            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+            raise _invalid_padding_string(padding)
         if any(s != 1 for s in stride):
             raise ValueError("padding='same' is not supported for strided convolutions")
         total = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
