@@ -119,7 +119,7 @@ class SmallCNN(torch.nn.Module):
             torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
             torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
         )
-        self.head = torch.nn.Linear(32 * 2 * 2, 10)
+        self.head = torch.nn.Linear(32 * 3 * 3, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.features(x), 1))
