@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_torch
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
+from conftest import assert_matches_torch
 
 
 def _random_cases(count: int, seed: int = 2026) -> list[dict]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_torch
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
+from conftest import assert_matches_torch
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matches_torch
 
 import tvmlayers as tl
+from conftest import assert_matches_torch
 
 CONV_CONFIGS = [
     dict(in_channels=16, out_channels=33, kernel_size=3, stride=2),

@@ -1,0 +1,96 @@
+"""Schedule rules: which rule takes which kernel, search-space (tunable) variants, the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tvm
+
+from tvmlayers import ops
+from tvmlayers.layouts import block_out_channels
+from tvmlayers.schedules import default_schedule, rules_for, weight_layout
+from tvmlayers.schedules.x86 import X86Conv2dBlocked, X86Conv2dSpatial, X86Linear
+from tvmlayers.spec import KernelSpec
+from tvmlayers.targets import resolve_target
+
+HOST = resolve_target("host")
+AARCH64 = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4})
+
+
+def _conv_spec(out_channels: int, groups: int = 1, target=HOST) -> KernelSpec:
+    return KernelSpec.make(
+        "conv2d",
+        (1, 16, 10, 12),
+        "float32",
+        target,
+        stride=(1, 1),
+        padding=(1, 1, 1, 1),
+        dilation=(1, 1),
+        groups=groups,
+        padding_mode="zeros",
+        bias=True,
+        weight_shape=(out_channels, 16 // groups, 3, 3),
+    )
+
+
+def test_weight_layout_follows_the_vector_width() -> None:
+    lanes = tvm.target.codegen.llvm_get_vector_width(HOST) // 32
+    assert weight_layout("conv2d", dict(_conv_spec(64).params), "float32", HOST) == {"weight_block": lanes}
+    assert weight_layout("conv2d", dict(_conv_spec(33).params), "float32", HOST) == {"weight_block": 1}
+    assert weight_layout("conv2d", dict(_conv_spec(16, groups=16).params), "float32", HOST) == {"weight_block": 1}
+    assert weight_layout("conv2d", dict(_conv_spec(64).params), "float32", AARCH64) == {"weight_block": 4}
+    assert weight_layout("relu", {}, "float32", HOST) == {}
+
+
+@pytest.mark.parametrize("rule", [X86Conv2dBlocked(), X86Conv2dSpatial()], ids=lambda r: r.name)
+def test_tunable_conv_rule_is_a_valid_search_space(rule) -> None:
+    spec = _conv_spec(32)
+    layout = {"weight_block": 8}
+    sch = rule.apply(ops.prim_func(spec, layout), HOST, tunable=True)
+    assert "sample_perfect_tile" in str(sch.trace)
+    kernel = tvm.compile(sch.mod, target=HOST)[ops.SYMBOL]
+    x, w, b = torch.randn(1, 16, 10, 12), torch.randn(32, 16, 3, 3), torch.randn(32)
+    out = torch.empty(1, 32, 10, 12)
+    kernel(x, block_out_channels(w, 8), b, out)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_tunable_linear_rule_is_a_valid_search_space() -> None:
+    spec = KernelSpec.make("linear", (6, 40), "float32", HOST, bias=False, weight_shape=(48, 40))
+    sch = X86Linear().apply(ops.prim_func(spec, {"weight_block": 16}), HOST, tunable=True)
+    assert "sample_perfect_tile" in str(sch.trace)
+    kernel = tvm.compile(sch.mod, target=HOST)[ops.SYMBOL]
+    x, w, out = torch.randn(6, 40), torch.randn(48, 40), torch.empty(6, 48)
+    kernel(x, block_out_channels(w, 16), out)
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_non_x86_cpu_gets_the_generic_rule_and_compiles() -> None:
+    assert [r.name for r in rules_for(AARCH64)] == ["generic.parallel"]
+    for spec in [
+        _conv_spec(8, target=AARCH64),
+        KernelSpec.make(
+            "max_pool2d",
+            (1, 3, 9, 9),
+            "float32",
+            AARCH64,
+            kernel_size=(3, 3),
+            stride=(2, 2),
+            padding=(1, 1),
+            dilation=(1, 1),
+            ceil_mode=True,
+            return_indices=True,
+        ),
+        KernelSpec.make("relu", (100,), "float32", AARCH64),
+    ]:
+        layout = weight_layout(spec.op, dict(spec.params), spec.dtype, AARCH64)
+        sch, rule = default_schedule(ops.prim_func(spec, layout), AARCH64)
+        assert rule == "generic.parallel"
+        tvm.compile(sch.mod, target=AARCH64)  # cross-compiles; running it is the ARM issue's work
+
+
+def test_no_rule_for_a_target_without_one() -> None:
+    spec = KernelSpec.make("relu", (64,), "float32", HOST)
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}})
+    with pytest.raises(ValueError, match="no schedule rule applies"):
+        default_schedule(ops.prim_func(spec, {}), cuda)
