@@ -19,6 +19,7 @@ SAME_MESSAGE = [
     ("conv groups weight", lambda m: m.conv2d(x4, torch.randn(4, 2, 3, 3), groups=3)),
     ("conv kernel too big", lambda m: m.conv2d(torch.randn(1, 4, 2, 2), w4)),
     ("conv kernel too big dilated", lambda m: m.conv2d(torch.randn(1, 4, 6, 6), w4, dilation=3)),
+    ("conv kernel size 0", lambda m: m.conv2d(x4, torch.randn(4, 4, 0, 2))),
     ("conv negative padding", lambda m: m.conv2d(x4, w4, padding=-1)),
     ("conv stride 0", lambda m: m.conv2d(x4, w4, stride=0)),
     ("conv dilation 0", lambda m: m.conv2d(x4, w4, dilation=0)),

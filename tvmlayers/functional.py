@@ -132,7 +132,9 @@ def _conv2d_plan(
             f"padding_mode must be one of {set(shapes.PADDING_MODES)}, but got padding_mode='{padding_mode}'"
         )
     out_channels, in_per_group, kh, kw = w_shape
-    if min(w_shape) <= 0:
+    if kh <= 0 or kw <= 0:
+        raise ValueError(f"kernel size should be greater than zero, but got kernel_height: {kh} kernel_width: {kw}")
+    if out_channels <= 0 or in_per_group <= 0:
         raise ValueError(f"conv2d expects a non-empty weight, but got weight of size {list(w_shape)}")
     if out_channels % groups:
         raise ValueError(
