@@ -55,14 +55,14 @@ def has_block(sch: Schedule, name: str) -> bool:
     return True
 
 
-def inner_loops(sch: Schedule, block: SBlockRV, outer: int, dims: list[tuple[str, int]]) -> dict[str, LoopRV]:
-    """Name the loops ``compute_at`` made for ``block`` below its first ``outer`` loops.
+def inner_loops(sch: Schedule, block: SBlockRV, outer: int, names: list[str]) -> dict[str, LoopRV]:
+    """Name the loops that ``compute_at(..., preserve_unit_loops=True)`` made for ``block``.
 
-    ``dims`` lists (name, extent) of the block's remaining iteration dimensions in order; compute_at
-    emits no loop for a dimension of extent 1, so only the others get a loop.
+    Below its first ``outer`` loops the block then has one loop per iteration dimension, in order, even
+    where the extent is 1: the number of loops never depends on tile sizes, which keeps traces with
+    sampled tile sizes replayable.
     """
     loops = sch.get_loops(block)[outer:]
-    names = [name for name, extent in dims if extent > 1]
     if len(loops) != len(names):
         raise RuntimeError(f"expected loops {names} under the compute_at point, found {len(loops)}")
     return dict(zip(names, loops, strict=True))

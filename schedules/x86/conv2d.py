@@ -41,32 +41,28 @@ def _schedule(func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: 
     ``vector_inner`` dimension ("channel" block or output "column") is the SIMD vector."""
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
-    _, _, _, out_width, block, in_per_group, kh, kw = _extents(sch, "conv_blocked")
+    out_width, block = _extents(sch, "conv_blocked")[3:5]
     n, o, y, x = sch.get_loops(out)
     oo, oi = sch.split(o, [None, block])
     if tunable:
         factors = sch.sample_perfect_tile(x, n=2, max_innermost_factor=limit)
-        tile = int(sch.get(factors[1]))
     else:
-        tile = _row_tile(out_width, limit)
-        factors = [None, tile]
+        factors = [None, _row_tile(out_width, limit)]
     xo, xi = sch.split(x, factors)
     sch.reorder(n, oo, y, xo, oi, xi)
     sch.parallel(sch.fuse(n, oo, y))
-    sch.compute_at(conv, xo)
-    loops = inner_loops(sch, conv, 2, [("column", tile), ("channel", block), ("c", in_per_group), ("i", kh), ("j", kw)])
-    reduction = [loops[k] for k in ("c", "i", "j") if k in loops]
-    register_tile = [loops[k] for k in ("column", "channel") if k in loops]
+    sch.compute_at(conv, xo, preserve_unit_loops=True)
+    loops = inner_loops(sch, conv, 2, ["n", "block", "y", "column", "channel", "c", "i", "j"])
+    reduction = [loops["c"], loops["i"], loops["j"]]
+    register_tile = [loops["column"], loops["channel"]]
     if vector_inner == "column":
         register_tile.reverse()
     sch.reorder(*reduction, *register_tile)
-    if vector_inner in loops:
-        sch.vectorize(loops[vector_inner])
-    if vector_inner == "channel" and "column" in loops:
+    sch.vectorize(loops[vector_inner])
+    if vector_inner == "channel":
         sch.unroll(loops["column"])
-    if reduction:
-        sch.decompose_reduction(conv, reduction[0])
-    if vector_inner == "column" and tile > 1:
+    sch.decompose_reduction(conv, loops["c"])
+    if vector_inner == "column":
         sch.vectorize(xi)
     if has_block(sch, "pad"):
         parallel_outer(sch, "pad", 3)

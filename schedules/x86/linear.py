@@ -24,15 +24,13 @@ class X86Linear:
             return None
         sch = Schedule(func)
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
-        rows, out_blocks, block, depth = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
+        rows, out_blocks, block = (int(v.dom.extent) for v in sch.get(acc).iter_vars[:3])
         limit = register_tile_limit(target)
         m, n = sch.get_loops(out)
         no, ni = sch.split(n, [None, block])
         if tunable:
             m_factors = sch.sample_perfect_tile(m, n=2, max_innermost_factor=MAX_TILE_ROWS)
-            tile_rows = int(sch.get(m_factors[1]))
-            n_factors = sch.sample_perfect_tile(no, n=2, max_innermost_factor=max(1, limit // tile_rows))
-            tile_blocks = int(sch.get(n_factors[1]))
+            n_factors = sch.sample_perfect_tile(no, n=2, max_innermost_factor=MAX_TILE_BLOCKS)
         else:
             tile_rows = largest_divisor(rows, MAX_TILE_ROWS)
             tile_blocks = largest_divisor(out_blocks, min(MAX_TILE_BLOCKS, max(1, limit // tile_rows)))
@@ -41,16 +39,11 @@ class X86Linear:
         nbo, nbi = sch.split(no, n_factors)
         sch.reorder(mo, nbo, mi, nbi, ni)
         sch.parallel(sch.fuse(mo, nbo))
-        sch.compute_at(acc, sch.get_loops(out)[0])
-        loops = inner_loops(
-            sch, acc, 1, [("row", tile_rows), ("blocks", tile_blocks), ("feature", block), ("k", depth)]
-        )
-        sch.reorder(*(loops[k] for k in ("k", "row", "blocks", "feature") if k in loops))
-        if "feature" in loops:
-            sch.vectorize(loops["feature"])
-        for name in ("row", "blocks"):
-            if name in loops:
-                sch.unroll(loops[name])
-        if "k" in loops:
-            sch.decompose_reduction(acc, loops["k"])
+        sch.compute_at(acc, sch.get_loops(out)[0], preserve_unit_loops=True)
+        loops = inner_loops(sch, acc, 1, ["row", "blocks", "feature", "k"])
+        sch.reorder(loops["k"], loops["row"], loops["blocks"], loops["feature"])
+        sch.vectorize(loops["feature"])
+        sch.unroll(loops["row"])
+        sch.unroll(loops["blocks"])
+        sch.decompose_reduction(acc, loops["k"])
         return sch
