@@ -11,7 +11,6 @@ The per-call part only touches tensors: make them contiguous, pack the weight, a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -19,10 +18,10 @@ from typing import NamedTuple
 import torch
 import tvm
 
+from . import layer_specs
 from .build import kernel_for
 from .kernel import Kernel
 from .layouts import packed_weight
-from .ops import shapes
 from .spec import DTYPES, KernelSpec
 from .targets import TargetLike, device_type, resolve_target
 
@@ -80,6 +79,10 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return {torch.float32: "Float", torch.float64: "Double"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def _plan(spec: KernelSpec | None, out_shape: tuple[int, ...]) -> _Plan:
+    return _Plan(kernel_for(spec) if spec is not None else None, out_shape)
+
+
 def _hashable(value: object) -> object:
     """Lists become tuples so that arguments can key the plan memo."""
     return tuple(value) if isinstance(value, list) else value
@@ -98,81 +101,9 @@ def _outputs(kernel: Kernel, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _conv2d_plan(
-    shapes_: tuple,
-    dtypes: tuple,
-    devices: tuple,
-    target: tvm.target.Target,
-    stride: object,
-    padding: object,
-    dilation: object,
-    groups: object,
-    padding_mode: str,
-) -> _Plan:
-    in_shape, w_shape, b_shape = shapes_
+def _conv2d_plan(shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target, *params: object) -> _Plan:
     dtype = _check_types("conv2d", dtypes, devices, target)
-    if len(in_shape) not in (3, 4):
-        raise ValueError(
-            f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(in_shape)}"
-        )
-    if len(w_shape) != 4:
-        raise ValueError(
-            "conv2d expects a 4D weight of shape (out_channels, in_channels/groups, kH, kW), "
-            f"but got weight of size {list(w_shape)}"
-        )
-    stride_, dilation_ = shapes.pair(stride, "stride"), shapes.pair(dilation, "dilation")
-    if min(stride_) <= 0:
-        raise ValueError("non-positive stride is not supported")
-    if min(dilation_) <= 0:
-        raise ValueError(f"dilation should be greater than zero, but got {list(dilation_)}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
-        raise ValueError("non-positive groups is not supported")
-    if padding_mode not in shapes.PADDING_MODES:
-        raise ValueError(
-            f"padding_mode must be one of {set(shapes.PADDING_MODES)}, but got padding_mode='{padding_mode}'"
-        )
-    out_channels, in_per_group, kh, kw = w_shape
-    if kh <= 0 or kw <= 0:
-        raise ValueError(f"kernel size should be greater than zero, but got kernel_height: {kh} kernel_width: {kw}")
-    if out_channels <= 0 or in_per_group <= 0:
-        raise ValueError(f"conv2d expects a non-empty weight, but got weight of size {list(w_shape)}")
-    if out_channels % groups:
-        raise ValueError(
-            f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
-            f"but got weight of size [{list(w_shape)}] instead"
-        )
-    if in_shape[-3] != in_per_group * groups:
-        raise ValueError(
-            f"Given groups={groups}, weight of size {list(w_shape)}, expected input{list(in_shape)} to have "
-            f"{in_per_group * groups} channels, but got {in_shape[-3]} channels instead"
-        )
-    if b_shape is not None and b_shape != (out_channels,):
-        raise ValueError(
-            f"Given weight of size {list(w_shape)}, expected bias to be 1-dimensional with {out_channels} "
-            f"elements, but got bias of size {list(b_shape)} instead"
-        )
-    pads = shapes.conv2d_padding(padding, (kh, kw), stride_, dilation_)
-    if padding_mode != "zeros":
-        shapes.check_conv_padding_mode(in_shape, pads, padding_mode)
-    out_hw = shapes.conv2d_output_hw(in_shape[-2:], (kh, kw), stride_, pads, dilation_)
-    out_shape = (*in_shape[:-3], out_channels, *out_hw)
-    batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
-    if batched[0] == 0:
-        return _Plan(None, out_shape)
-    spec = KernelSpec.make(
-        "conv2d",
-        batched,
-        dtype,
-        target,
-        stride=stride_,
-        padding=pads,
-        dilation=dilation_,
-        groups=groups,
-        padding_mode=padding_mode if any(pads) else "zeros",
-        bias=b_shape is not None,
-        weight_shape=w_shape,
-    )
-    return _Plan(kernel_for(spec), out_shape)
+    return _plan(*layer_specs.conv2d_spec(*shapes_, dtype, target, *params))
 
 
 def conv2d(
@@ -223,43 +154,10 @@ def conv2d_with_kernel(
 
 @lru_cache(maxsize=_PLAN_CACHE)
 def _max_pool2d_plan(
-    shapes_: tuple,
-    dtypes: tuple,
-    devices: tuple,
-    target: tvm.target.Target,
-    kernel_size: object,
-    stride: object,
-    padding: object,
-    dilation: object,
-    ceil_mode: bool,
-    return_indices: bool,
+    shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target, *params: object
 ) -> _Plan:
-    (in_shape,) = shapes_
     dtype = _check_types("max_pool2d", dtypes, devices, target)
-    if len(in_shape) not in (3, 4) or 0 in in_shape[-3:]:
-        raise ValueError("non-empty 3D or 4D (batch mode) tensor expected for input")
-    kernel_ = shapes.pair(kernel_size, "kernel_size")
-    stride_ = kernel_ if stride is None or stride == () else shapes.pair(stride, "stride")
-    padding_, dilation_ = shapes.pair(padding, "padding"), shapes.pair(dilation, "dilation")
-    shapes.check_max_pool2d_args(kernel_, stride_, padding_, dilation_)
-    out_hw = shapes.max_pool2d_output_hw(in_shape, kernel_, stride_, padding_, dilation_, ceil_mode)
-    out_shape = (*in_shape[:-2], *out_hw)
-    batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
-    if batched[0] == 0:
-        return _Plan(None, out_shape)
-    spec = KernelSpec.make(
-        "max_pool2d",
-        batched,
-        dtype,
-        target,
-        kernel_size=kernel_,
-        stride=stride_,
-        padding=padding_,
-        dilation=dilation_,
-        ceil_mode=ceil_mode,
-        return_indices=return_indices,
-    )
-    return _Plan(kernel_for(spec), out_shape)
+    return _plan(*layer_specs.max_pool2d_spec(*shapes_, dtype, target, *params))
 
 
 def max_pool2d(
@@ -318,31 +216,8 @@ def max_pool2d_with_kernel(
 
 @lru_cache(maxsize=_PLAN_CACHE)
 def _linear_plan(shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target) -> _Plan:
-    in_shape, w_shape, b_shape = shapes_
     dtype = _check_types("linear", dtypes, devices, target)
-    if len(in_shape) < 1 or len(w_shape) < 1:
-        raise ValueError(
-            f"both arguments to linear need to be at least 1D, but they are {len(in_shape)}D and {len(w_shape)}D"
-        )
-    if len(w_shape) != 2:
-        raise ValueError(f"linear expects a 2D weight of shape (out_features, in_features), but got {list(w_shape)}")
-    out_features, in_features = w_shape
-    rows = math.prod(in_shape[:-1])
-    if in_shape[-1] != in_features:
-        raise ValueError(
-            f"mat1 and mat2 shapes cannot be multiplied ({rows}x{in_shape[-1]} and {in_features}x{out_features})"
-        )
-    out_shape = (*in_shape[:-1], out_features)
-    if b_shape is not None and b_shape != (out_features,):
-        raise ValueError(
-            f"The expanded size of the tensor ({out_features}) must match the existing size "
-            f"({b_shape[-1] if b_shape else 1}) at non-singleton dimension {len(out_shape) - 1}.  "
-            f"Target sizes: {list(out_shape)}.  Tensor sizes: {list(b_shape)}"
-        )
-    if rows == 0 or in_features == 0 or out_features == 0:
-        return _Plan(None, out_shape)
-    spec = KernelSpec.make("linear", (rows, in_features), dtype, target, bias=b_shape is not None, weight_shape=w_shape)
-    return _Plan(kernel_for(spec), out_shape)
+    return _plan(*layer_specs.linear_spec(*shapes_, dtype, target))
 
 
 def linear(
@@ -374,12 +249,8 @@ def linear_with_kernel(
 
 @lru_cache(maxsize=_PLAN_CACHE)
 def _relu_plan(shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target) -> _Plan:
-    (in_shape,) = shapes_
     dtype = _check_types("relu", dtypes, devices, target)
-    numel = math.prod(in_shape)
-    if numel == 0:
-        return _Plan(None, in_shape)
-    return _Plan(kernel_for(KernelSpec.make("relu", (numel,), dtype, target)), in_shape)
+    return _plan(*layer_specs.relu_spec(*shapes_, dtype, target))
 
 
 def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = None) -> torch.Tensor:
