@@ -1,7 +1,9 @@
 """The build pipeline: KernelSpec -> key -> schedule -> compile -> on-disk cache -> loaded Kernel.
 
 ``kernel_for(spec)`` is the only entry point; it memoizes per process, so a layer pays for the cache
-lookup once per input shape.
+lookup once per input shape.  The schedule comes from the best verified tuning record when the tuning
+logs have one for the spec's workload and target, otherwise from the default rules; the cache key says
+which, so tuning later never leaves a stale default kernel in use.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -19,9 +22,18 @@ from .cache import KernelCache
 from .formats import kernel_key
 from .kernel import Kernel
 from .spec import KernelSpec
+from .targets import target_key
+from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
+from .tuning.untuned import note_untuned
+from .verify import check_kernel
 
 _memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
+_warned_untuned = False
+
+
+class _WrongRecord(Exception):
+    """A tuning record whose kernel does not compute what torch computes."""
 
 
 @cache
@@ -36,20 +48,54 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(spec: KernelSpec, layout: dict, so_path: Path) -> dict:
+def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningRecord] | None:
+    """The fastest non-rejected record for this workload and target, searching the user's logs first."""
+    hash_ = workload_hash(ops.prim_func(spec, layout))
+    for root in log_roots():
+        log = TuningLog(root, spec.target)
+        record = log.best(hash_)
+        if record is not None:
+            return log, record
+    return None
+
+
+def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None) -> dict:
     """Schedule and compile ``spec``, export the library to ``so_path``; returns the manifest fields."""
     func = ops.prim_func(spec, layout)
-    sch, rule = schedules.default_schedule(func, spec.target)
+    if record is None:
+        sch, rule = schedules.default_schedule(func, spec.target)
+        provenance = {"source": "default", "rule": rule}
+    else:
+        sch = tvm.s_tir.Schedule(func)
+        tvm.s_tir.Trace.apply_json_to_schedule(record.trace, sch)
+        provenance = record.provenance()
     executable = tvm.compile(sch.mod, target=spec.target)
+    if record is not None:
+        problem = check_kernel(spec, layout, executable.jit()[ops.SYMBOL])
+        if problem is not None:
+            raise _WrongRecord(problem)
     executable.export_library(str(so_path))
     return {
         "spec": spec.to_json(),
         "layout": layout,
-        "provenance": {"source": "default", "rule": rule},
+        "provenance": provenance,
         "symbol": ops.SYMBOL,
         "output_shapes": [list(s) for s in ops.output_shapes(spec, layout)],
         "tvm_version": tvm.__version__,
     }
+
+
+def _warn_untuned(spec: KernelSpec, cache_root: Path) -> None:
+    global _warned_untuned
+    path = note_untuned(spec, cache_root)
+    if not _warned_untuned:
+        _warned_untuned = True
+        warnings.warn(
+            f"tvmlayers: no tuning record for {spec.describe()} on {target_key(spec.target)}; using the default "
+            f"schedule. Layers run without a record are listed in {path}; tune them with: "
+            f"tvmlayers tune {path}",
+            stacklevel=5,
+        )
 
 
 def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
@@ -63,8 +109,29 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     with _memo_lock:
         kernel = _memo.get(memo_key)
         if kernel is None:
-            layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, spec.target)
-            key = kernel_key(spec.to_json(), layout, {"source": "default", "code": code_fingerprint()}, tvm.__version__)
-            entry, built = kernel_cache.get_or_build(key, lambda so: _compile(spec, layout, so))
-            kernel = _memo[memo_key] = Kernel.load(spec, entry, built)
+            kernel = _memo[memo_key] = _build(spec, kernel_cache)
     return kernel
+
+
+def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
+    layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, spec.target)
+    while True:
+        tuned = _tuned_record(spec, layout)
+        record = tuned[1] if tuned else None
+        schedule_id = {"source": "tuned", "record": record.id} if record else {"source": "default"}
+        schedule_id["code"] = code_fingerprint()
+        key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
+        try:
+            entry, built = kernel_cache.get_or_build(key, lambda so, r=record: _compile(spec, layout, so, r))
+        except _WrongRecord as wrong:
+            log, record = tuned
+            log.reject(record, str(wrong))
+            warnings.warn(
+                f"tvmlayers: tuning record {record.id} ({record.directory}, line {record.line}) computes wrong "
+                f"results for {spec.describe()} ({wrong}); it is marked rejected and skipped",
+                stacklevel=4,
+            )
+            continue
+        if record is None:
+            _warn_untuned(spec, kernel_cache.root)
+        return Kernel.load(spec, entry, built)

@@ -1,0 +1,2 @@
+"""Tuning logs shipped with tvmlayers (data only): one MetaSchedule database per target key.
+See tvmlayers/tuning/database.py for the layout."""

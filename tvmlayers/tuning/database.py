@@ -1,0 +1,245 @@
+"""Tuning logs: one MetaSchedule JSON database per target, indexed once per process.
+
+Directory layout (format version ``TUNING_LOG_VERSION``; see also :mod:`tvmlayers.formats`)::
+
+    <log root>/<target key>/              target key: tvmlayers.targets.target_key, e.g.
+                                          llvm-x86_64-linux-gnu-icelake-server
+        database_workload.json            MetaSchedule: one line per workload [shash, base64 module]
+        database_tuning_record.json       MetaSchedule: one line per measured candidate
+                                          [workload index, [trace, run seconds, target, arg info]]
+        tvmlayers.json                    ours: {"format", "tvm_version", "target", "workloads":
+                                          {shash: spec JSON}, "rejected": {record id: reason}}
+
+MetaSchedule's database does not key records by target, so tvmlayers keeps one directory per target
+and also checks every record's own target before applying it.  Log roots are searched in order:
+``log_dir=``/``TVMLAYERS_TUNING_LOGS`` (user), then the ``tuning_logs/`` shipped with the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+
+from ..formats import canonical_json
+from ..spec import KernelSpec
+from ..targets import target_json, target_key
+
+TUNING_LOG_VERSION = 1
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "tvmlayers.json"
+
+
+def shipped_log_root() -> Path:
+    """The ``tuning_logs/`` folder shipped inside the package (``tvmlayers.tuning_logs``)."""
+    import tvmlayers.tuning_logs as shipped  # noqa: PLC0415 - a data-only package
+
+    return Path(shipped.__file__).parent
+
+
+def tune_log_root(log_dir: str | Path | None = None) -> Path:
+    """Where the user's tuning logs live: ``log_dir``, else ``$TVMLAYERS_TUNING_LOGS``, else
+    ``$XDG_DATA_HOME/tvmlayers/tuning_logs`` (``~/.local/share/...``)."""
+    if log_dir is not None:
+        return Path(log_dir)
+    if os.environ.get("TVMLAYERS_TUNING_LOGS"):
+        return Path(os.environ["TVMLAYERS_TUNING_LOGS"])
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "tvmlayers" / "tuning_logs"
+
+
+def log_roots(log_dir: str | Path | None = None) -> list[Path]:
+    """Where lookups search, first match wins: the user's logs, then the shipped ones."""
+    return list(dict.fromkeys(r.resolve() for r in (tune_log_root(log_dir), shipped_log_root())))
+
+
+def workload_hash(func: tvm.tirx.PrimFunc) -> str:
+    """The structural hash MetaSchedule files a PrimFunc's workload under."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # noqa: PLC0415
+
+    return str(tvm_ffi.structural_hash(_normalize_mod(func)))
+
+
+@lru_cache(maxsize=256)
+def _record_target_key(target_text: str) -> str:
+    return target_key(tvm.target.Target(json.loads(target_text)))
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    directory: Path
+    line: int  # 1-based line in database_tuning_record.json
+    workload_hash: str
+    trace: list
+    seconds: float  # mean measured run time
+    target_key: str
+
+    @property
+    def id(self) -> str:
+        """Stable across copies and merges of the log: what the record is, not where it is."""
+        return hashlib.sha256(canonical_json([self.workload_hash, self.trace]).encode()).hexdigest()[:20]
+
+    def provenance(self) -> dict:
+        return {
+            "source": "tuned",
+            "record": self.id,
+            "log": str(self.directory / RECORD_FILE),
+            "line": self.line,
+            "tuned_us": round(self.seconds * 1e6, 3),
+        }
+
+
+@dataclass
+class _Index:
+    stamp: tuple
+    records: dict[str, list[TuningRecord]]  # workload hash -> records, fastest first
+    meta: dict
+
+
+class TuningLog:
+    """The tuning log of one target in one log root."""
+
+    _indexes: dict[Path, _Index] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, root: str | Path, target: tvm.target.Target) -> None:
+        self.target = target
+        self.key = target_key(target)
+        self.directory = Path(root) / self.key
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _stamp(self) -> tuple:
+        stamp = []
+        for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE):
+            try:
+                st = (self.directory / name).stat()
+                stamp.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _index(self) -> _Index:
+        """Parsed once per process; parsed again only when one of the files changed."""
+        stamp = self._stamp()
+        with self._lock:
+            index = self._indexes.get(self.directory)
+            if index is None or index.stamp != stamp:
+                index = self._indexes[self.directory] = _Index(stamp, *self._parse())
+            return index
+
+    def _parse(self) -> tuple[dict[str, list[TuningRecord]], dict]:
+        # a record names its workload by position in the workload file, corrupt lines included
+        hashes = [entry[0] if entry is not None else None for _, entry in _json_lines(self.directory / WORKLOAD_FILE)]
+        records: dict[str, list[TuningRecord]] = {}
+        for line, entry in _json_lines(self.directory / RECORD_FILE):
+            if entry is None:
+                continue
+            try:
+                workload, (trace, run_secs, target, _) = entry
+                if hashes[workload] is None:
+                    raise ValueError(f"its workload (line {workload + 1} of {WORKLOAD_FILE}) is corrupt")
+                seconds = sum(float(s) for s in run_secs) / len(run_secs)
+                record = TuningRecord(
+                    self.directory, line, hashes[workload], trace, seconds, _record_target_key(canonical_json(target))
+                )
+            except (ValueError, TypeError, IndexError, ZeroDivisionError, tvm.error.TVMError) as err:
+                _warn_corrupt(self.directory / RECORD_FILE, line, err)
+                continue
+            records.setdefault(record.workload_hash, []).append(record)
+        for group in records.values():
+            group.sort(key=lambda r: r.seconds)
+        return records, self.meta()
+
+    def meta(self) -> dict:
+        try:
+            meta = json.loads((self.directory / META_FILE).read_text())
+        except FileNotFoundError:
+            meta = {}
+        except ValueError as err:
+            _warn_corrupt(self.directory / META_FILE, 1, err)
+            meta = {}
+        meta.setdefault("format", TUNING_LOG_VERSION)
+        meta.setdefault("workloads", {})
+        meta.setdefault("rejected", {})
+        return meta
+
+    def records(self, workload: str) -> list[TuningRecord]:
+        """Every record of this target for a workload hash, fastest first (rejected ones included)."""
+        return [r for r in self._index().records.get(workload, []) if r.target_key == self.key]
+
+    def best(self, workload: str) -> TuningRecord | None:
+        """The fastest record of this target that was not rejected by a correctness check."""
+        index = self._index()
+        rejected = index.meta["rejected"]
+        return next((r for r in self.records(workload) if r.id not in rejected), None)
+
+    def workloads(self) -> dict[str, dict]:
+        """workload hash -> spec JSON, for the workloads tuned through tvmlayers."""
+        return dict(self._index().meta["workloads"])
+
+    def all_records(self) -> dict[str, list[TuningRecord]]:
+        return {h: [r for r in rs if r.target_key == self.key] for h, rs in self._index().records.items()}
+
+    # ------------------------------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serializes writers of this log across processes (tuners, rejections, merges)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write_meta(self, meta: dict) -> None:
+        tmp = self.directory / f".{META_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.directory / META_FILE)
+
+    def add_workloads(self, specs: dict[str, KernelSpec]) -> None:
+        with self.locked():
+            meta = self.meta()
+            meta.update(format=TUNING_LOG_VERSION, tvm_version=tvm.__version__, target=target_json(self.target))
+            for shash, spec in specs.items():
+                meta["workloads"][shash] = spec.to_json()
+            self._write_meta(meta)
+
+    def reject(self, record: TuningRecord, reason: str) -> None:
+        """Mark a record that computed wrong results: lookups skip it from now on."""
+        with self.locked():
+            meta = self.meta()
+            meta["rejected"][record.id] = reason
+            self._write_meta(meta)
+
+
+def _warn_corrupt(path: Path, line: int, err: Exception) -> None:
+    warnings.warn(f"{path}:{line}: skipping a corrupt tuning-log line ({type(err).__name__}: {err})", stacklevel=3)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(1-based line number, parsed JSON or None) of every non-empty line; corrupt lines are reported."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                _warn_corrupt(path, number, err)
+                value = None
+            yield number, value

@@ -1,0 +1,87 @@
+"""Workload extraction: run a torch model once and record every supported layer call, with counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import tvm
+
+from .. import layer_specs, nn
+from ..spec import KernelSpec
+from ..targets import resolve_target
+from .workloads import Workload
+
+
+def _kind(module: torch.nn.Module) -> str | None:
+    """The op a torch or tvmlayers module computes (both kinds carry torch's attributes)."""
+    kinds = {
+        "conv2d": (torch.nn.Conv2d, nn.Conv2d),
+        "max_pool2d": (torch.nn.MaxPool2d, nn.MaxPool2d),
+        "linear": (torch.nn.Linear, nn.Linear),
+        "relu": (torch.nn.ReLU, nn.ReLU),
+    }
+    return next((op for op, classes in kinds.items() if isinstance(module, classes)), None)
+
+
+def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Target) -> KernelSpec | None:
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(x.dtype)
+    kind = _kind(module)
+    if dtype is None or kind is None:
+        return None
+    shape = tuple(x.shape)
+    bias = None if getattr(module, "bias", None) is None else tuple(module.bias.shape)
+    if kind == "conv2d":
+        spec, _ = layer_specs.conv2d_spec(
+            shape,
+            tuple(module.weight.shape),
+            bias,
+            dtype,
+            target,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+        )
+    elif kind == "max_pool2d":
+        spec, _ = layer_specs.max_pool2d_spec(
+            shape,
+            dtype,
+            target,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.ceil_mode,
+            module.return_indices,
+        )
+    elif kind == "linear":
+        spec, _ = layer_specs.linear_spec(shape, tuple(module.weight.shape), bias, dtype, target)
+    else:
+        spec, _ = layer_specs.relu_spec(shape, dtype, target)
+    return spec
+
+
+def extract_workloads(model: torch.nn.Module, *example_inputs: Any) -> list[Workload]:
+    """Run ``model`` once on ``example_inputs`` and record every supported layer call, with counts.
+
+    Works on torch models and on ``tvmlayers.convert``-ed ones.
+    """
+    host = resolve_target("host")
+    seen: Counter[KernelSpec] = Counter()
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        spec = _layer_spec(module, args[0], host)
+        if spec is not None:
+            seen[spec] += 1
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _kind(m) is not None]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [Workload.from_spec(spec, count) for spec, count in seen.items()]

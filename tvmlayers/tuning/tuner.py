@@ -1,0 +1,234 @@
+"""Auto-tuning with MetaSchedule: every workload of a file becomes a task, all tasks are tuned together by
+the gradient task scheduler with evolutionary search and the XGBoost cost model, and every measured
+record is appended to the target's tuning log as it arrives (an interrupt loses nothing; running the
+same command again counts the trials already in the log toward the budget)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from .. import ops, schedules
+from ..spec import KernelSpec
+from ..targets import TargetLike, resolve_target
+from ..verify import check_kernel
+from .database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
+from .fast_import import import_tensor_intrin
+from .progress import Progress, ProgressCallback
+from .workloads import Workload, load_workloads
+
+SPACES = ("generic", "ours")
+
+
+@dataclass
+class TaskResult:
+    workload: Workload
+    spec: KernelSpec
+    workload_hash: str
+    trials: int  # records in the log for this workload and target, this run's included
+    best: TuningRecord | None  # fastest record that passed the correctness check
+
+
+@dataclass
+class _Task:
+    workload: Workload
+    spec: KernelSpec
+    func: tvm.tirx.PrimFunc
+    hash: str
+    done: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.op}_{'x'.join(map(str, self.spec.input_shape))}"
+
+
+def _as_workloads(workloads: str | Path | Sequence[Workload | KernelSpec]) -> list[Workload]:
+    if isinstance(workloads, str | Path):
+        return load_workloads(workloads)[0]
+    return [w if isinstance(w, Workload) else Workload.from_spec(w) for w in workloads]
+
+
+def _space(name: str, target: tvm.target.Target) -> object:
+    if name == "generic":
+        return "post-order-apply"  # MetaSchedule's own rules for the target
+
+    def our_rules(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
+        func = sch.mod["main"]
+        for rule in schedules.rules_for(target):
+            tuned = rule.apply(func, target, tunable=True)
+            if tuned is not None:
+                return tuned
+        return sch
+
+    return ms.space_generator.ScheduleFn(
+        our_rules, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
+    )
+
+
+def _runner(rpc_tracker: str | None, rpc_key: str | None, timeout: float) -> ms.runner.Runner:
+    if rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout)
+    if not rpc_key:
+        raise ValueError("--rpc-tracker needs --rpc-key: the key the devices registered with")
+    host, _, port = rpc_tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--rpc-tracker must be HOST:PORT, got {rpc_tracker!r}")
+    config = ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=int(port), tracker_key=rpc_key, session_timeout_sec=max(timeout, 60)
+    )
+    return ms.runner.RPCRunner(rpc_config=config)
+
+
+@contextlib.contextmanager
+def _only_tuner(log: TuningLog) -> Iterator[None]:
+    """One tuner per target log at a time: two would interleave lines of the same database files."""
+    log.directory.mkdir(parents=True, exist_ok=True)
+    with open(log.directory / ".tuner.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another tvmlayers tune is already writing {log.directory}; wait for it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def verified_best(log: TuningLog, spec: KernelSpec, layout: dict, hash_: str) -> TuningRecord | None:
+    """The fastest record that computes what torch computes; records that do not are rejected in the log."""
+    while (record := log.best(hash_)) is not None:
+        problem = check_record(spec, layout, record)
+        if problem is None:
+            return record
+        log.reject(record, problem)
+    return None
+
+
+def apply_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> tvm.s_tir.Schedule:
+    sch = tvm.s_tir.Schedule(ops.prim_func(spec, layout))
+    tvm.s_tir.Trace.apply_json_to_schedule(record.trace, sch)
+    return sch
+
+
+def check_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> str | None:
+    """None if the record's kernel matches torch on random inputs, else why not."""
+    try:
+        sch = apply_record(spec, layout, record)
+        module = tvm.compile(sch.mod, target=spec.target).jit()
+    except Exception as err:  # noqa: BLE001 - any failure to rebuild the record disqualifies it
+        return f"does not build: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return check_kernel(spec, layout, module[ops.SYMBOL])
+
+
+def tune(
+    workloads: str | Path | Sequence[Workload | KernelSpec],
+    target: TargetLike = "host",
+    trials: int = 200,
+    log_dir: str | Path | None = None,
+    *,
+    space: str = "generic",
+    trials_per_iter: int = 64,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> list[TaskResult]:
+    """Tune every workload to ``trials`` measured candidates (counting those already in the log).
+
+    Records go to ``log_dir`` (default ``$TVMLAYERS_TUNING_LOGS`` or the user log directory), in the
+    subdirectory of the target; later layer calls find them without any flag.
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if trials < 1:
+        raise ValueError(f"trials must be positive, got {trials}")
+    import_tensor_intrin()
+    tgt = resolve_target(target)
+    log = TuningLog(tune_log_root(log_dir), tgt)
+    tasks = []
+    for workload in _as_workloads(workloads):
+        spec = workload.spec(tgt)
+        layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, tgt)
+        func = ops.prim_func(spec, layout)
+        hash_ = workload_hash(func)
+        tasks.append(_Task(workload, spec, func, hash_, len(log.records(hash_))))
+    if not tasks:
+        raise ValueError("no workloads to tune")
+    log.add_workloads({t.hash: t.spec for t in tasks})
+    pending = [t for t in tasks if t.done < trials]
+    if pending:
+        with _only_tuner(log):
+            _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
+    results = []
+    for task in tasks:
+        layout = schedules.weight_layout(task.spec.op, dict(task.spec.params), task.spec.dtype, tgt)
+        best = verified_best(log, task.spec, layout, task.hash)
+        results.append(TaskResult(task.workload, task.spec, task.hash, len(log.records(task.hash)), best))
+    return results
+
+
+def _run(
+    tasks: list[_Task],
+    target: tvm.target.Target,
+    log: TuningLog,
+    trials: int,
+    space: str,
+    trials_per_iter: int,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
+    timeout: float,
+    show_progress: bool,
+) -> None:
+    cores = int(target.attrs.get("num-cores", os.cpu_count() or 1))
+    remaining = [trials - t.done for t in tasks]
+    contexts = [
+        ms.TuneContext(
+            t.func,
+            target=target,
+            space_generator=_space(space, target),
+            search_strategy="evolutionary",
+            task_name=t.name,
+            num_threads=cores,
+        )
+        for t in tasks
+    ]
+    database = ms.database.JSONDatabase(
+        path_workload=str(log.directory / WORKLOAD_FILE), path_tuning_record=str(log.directory / RECORD_FILE)
+    )
+    progress = Progress([t.name for t in tasks], sum(remaining), stream=None)
+    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    if show_progress:
+        callbacks = [*callbacks, ProgressCallback(progress)]
+    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin)
+    before = sum(len(log.records(t.hash)) for t in tasks)
+    with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir:
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=[float(t.workload.count) for t in tasks],
+                work_dir=work_dir,
+                max_trials_global=sum(remaining),
+                max_trials_per_task=max(remaining),
+                num_trials_per_iter=min(trials_per_iter, max(remaining)),
+                builder=builder,
+                runner=_runner(rpc_tracker, rpc_key, timeout),
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=callbacks,
+            )
+        finally:
+            progress.close()
+    measured = sum(len(log.records(t.hash)) for t in tasks) - before
+    if measured == 0:
+        # the worst failure of a tuner is to report success having measured nothing
+        raise RuntimeError(
+            f"tuning measured no candidate successfully; first error: {progress.first_error or 'unknown'}"
+        )

@@ -1,0 +1,127 @@
+"""Workloads: the layer calls to tune, as a documented TOML file, or extracted from a torch model.
+
+Format (version 1)::
+
+    format = 1                       # required
+    name = "resnet18"                # optional
+    target = "host"                  # optional: the target to tune for when none is given
+
+    [[layer]]                        # one table per distinct layer call
+    op = "conv2d"                    # conv2d | max_pool2d | linear | relu
+    input_shape = [1, 64, 56, 56]    # the kernel's input: batched NCHW (conv2d, max_pool2d),
+                                     # (rows, in_features) for linear, (numel,) for relu
+    dtype = "float32"                # float32 | float64
+    count = 4                        # how often the model makes this call (task-scheduler weight)
+    # the op's parameters, as in tvmlayers.KernelSpec:
+    #   conv2d:     weight_shape = [O, I/groups, kH, kW], stride = [sh, sw],
+    #               padding = [top, left, bottom, right], dilation = [dh, dw], groups = 1,
+    #               padding_mode = "zeros", bias = true
+    #   max_pool2d: kernel_size, stride, padding, dilation (pairs), ceil_mode, return_indices
+    #   linear:     weight_shape = [out_features, in_features], bias = true
+
+Hand-written files use torch's normalized values (e.g. padding 1 becomes [1, 1, 1, 1]);
+:func:`tvmlayers.tuning.extract.extract_workloads` writes them for any model.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from ..spec import KernelSpec
+from ..targets import resolve_target
+
+WORKLOAD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One distinct layer call: a KernelSpec without its target, and how often the model makes it."""
+
+    op: str
+    input_shape: tuple[int, ...]
+    dtype: str
+    params: tuple[tuple[str, Any], ...]
+    count: int = 1
+
+    def spec(self, target: tvm.target.Target) -> KernelSpec:
+        return KernelSpec.make(self.op, self.input_shape, self.dtype, target, **dict(self.params))
+
+    @classmethod
+    def from_spec(cls, spec: KernelSpec, count: int = 1) -> Workload:
+        return cls(spec.op, spec.input_shape, spec.dtype, spec.params, count)
+
+    def describe(self) -> str:
+        return KernelSpec(self.op, self.params, self.input_shape, self.dtype, "{}").describe()
+
+
+def load_workloads(path: str | Path) -> tuple[list[Workload], dict]:
+    """The workloads of a TOML file, and its top-level settings (name, target)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"workload file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not a valid TOML workload file: {err}") from None
+    if data.get("format") != WORKLOAD_FORMAT:
+        raise ValueError(f"{path}: expected 'format = {WORKLOAD_FORMAT}', got {data.get('format')!r}")
+    host = resolve_target("host")
+    workloads = []
+    for number, layer in enumerate(data.get("layer", []), start=1):
+        layer = dict(layer)
+        try:
+            op, shape, dtype = layer.pop("op"), layer.pop("input_shape"), layer.pop("dtype", "float32")
+            count = int(layer.pop("count", 1))
+            spec = KernelSpec.make(op, tuple(shape), dtype, host, **layer)  # validates op and dtype
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: [[layer]] number {number} is invalid: {err}") from None
+        workloads.append(Workload.from_spec(spec, count))
+    settings = {k: v for k, v in data.items() if k not in ("format", "layer")}
+    return workloads, settings
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def format_workloads(workloads: Iterable[Workload], name: str | None = None, target: str | None = None) -> str:
+    lines = [f"format = {WORKLOAD_FORMAT}"]
+    if name:
+        lines.append(f"name = {_toml(name)}")
+    if target:
+        lines.append(f"target = {_toml(target)}")
+    for w in workloads:
+        lines += [
+            "",
+            "[[layer]]",
+            f"op = {_toml(w.op)}",
+            f"input_shape = {_toml(w.input_shape)}",
+            f"dtype = {_toml(w.dtype)}",
+            f"count = {w.count}",
+        ]
+        lines += [f"{key} = {_toml(value)}" for key, value in w.params]
+    return "\n".join(lines) + "\n"
+
+
+def save_workloads(
+    workloads: Iterable[Workload], path: str | Path, name: str | None = None, target: str | None = None
+) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(format_workloads(workloads, name, target))
+    tmp.replace(path)
