@@ -23,17 +23,13 @@ from .formats import kernel_key
 from .kernel import Kernel
 from .spec import KernelSpec
 from .targets import target_key
+from .tuning.apply import RecordError, compile_record
 from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .tuning.untuned import note_untuned
-from .verify import check_kernel
 
 _memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
 _warned_untuned = False
-
-
-class _WrongRecord(Exception):
-    """A tuning record whose kernel does not compute what torch computes."""
 
 
 @cache
@@ -52,7 +48,7 @@ def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningReco
     """The fastest non-rejected record for this workload and target, searching the user's logs first."""
     hash_ = workload_hash(ops.prim_func(spec, layout))
     for root in log_roots():
-        log = TuningLog(root, spec.target)
+        log = TuningLog.for_target(root, spec.target)
         record = log.best(hash_)
         if record is not None:
             return log, record
@@ -61,19 +57,13 @@ def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningReco
 
 def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None) -> dict:
     """Schedule and compile ``spec``, export the library to ``so_path``; returns the manifest fields."""
-    func = ops.prim_func(spec, layout)
     if record is None:
-        sch, rule = schedules.default_schedule(func, spec.target)
+        sch, rule = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)
+        executable = tvm.compile(sch.mod, target=spec.target)
         provenance = {"source": "default", "rule": rule}
     else:
-        sch = tvm.s_tir.Schedule(func)
-        tvm.s_tir.Trace.apply_json_to_schedule(record.trace, sch)
+        executable = compile_record(spec, layout, record)
         provenance = record.provenance()
-    executable = tvm.compile(sch.mod, target=spec.target)
-    if record is not None:
-        problem = check_kernel(spec, layout, executable.jit()[ops.SYMBOL])
-        if problem is not None:
-            raise _WrongRecord(problem)
     executable.export_library(str(so_path))
     return {
         "spec": spec.to_json(),
@@ -123,12 +113,12 @@ def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
         key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
         try:
             entry, built = kernel_cache.get_or_build(key, lambda so, r=record: _compile(spec, layout, so, r))
-        except _WrongRecord as wrong:
+        except RecordError as wrong:
             log, record = tuned
             log.reject(record, str(wrong))
             warnings.warn(
-                f"tvmlayers: tuning record {record.id} ({record.directory}, line {record.line}) computes wrong "
-                f"results for {spec.describe()} ({wrong}); it is marked rejected and skipped",
+                f"tvmlayers: tuning record {record.id} ({record.directory}, line {record.line}) is unusable for "
+                f"{spec.describe()}: {wrong}; it is marked rejected and skipped",
                 stacklevel=4,
             )
             continue

@@ -1,11 +1,13 @@
-"""The ``tvmlayers`` command line: ``targets``, ``cache ls``, ``cache clear``."""
+"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .cache import KernelCache
 from .targets import PRESETS, resolve_target, target_json, target_key
@@ -43,6 +45,97 @@ def _cache_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_workloads(path: str, input_shape: str) -> list:
+    """Workloads of a model file that defines ``model()`` (and optionally ``INPUT_SHAPE``)."""
+    import torch  # noqa: PLC0415 - only this command needs it before tuning starts
+
+    from .tuning.extract import extract_workloads  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None or not Path(path).is_file():
+        raise SystemExit(f"tvmlayers tune: model file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "model"):
+        raise SystemExit(f"tvmlayers tune: {path} must define model() returning a torch.nn.Module")
+    shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else getattr(module, "INPUT_SHAPE", None)
+    if shape is None:
+        raise SystemExit("tvmlayers tune: --input-shape is required (the model file has no INPUT_SHAPE)")
+    return extract_workloads(module.model(), torch.randn(shape))
+
+
+def _target_argument(value: str | None, settings: dict) -> object:
+    """--target, else the workload file's target; JSON text is a target dict."""
+    value = value or settings.get("target") or "host"
+    return json.loads(value) if value.lstrip().startswith("{") else value
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tuning.tuner import tune  # noqa: PLC0415 - MetaSchedule is heavy; only tuning loads it
+    from .tuning.workloads import load_workloads  # noqa: PLC0415
+
+    if bool(args.workloads) == bool(args.model):
+        raise SystemExit("tvmlayers tune: give a workload file or --model, not both")
+    settings: dict = {}
+    if args.model:
+        workloads = _model_workloads(args.model, args.input_shape)
+    else:
+        workloads, settings = load_workloads(args.workloads)
+    results = tune(
+        workloads,
+        _target_argument(args.target, settings),
+        args.trials,
+        args.log_dir,
+        space=args.space,
+        trials_per_iter=args.trials_per_iter,
+        rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key,
+        timeout=args.timeout,
+    )
+    print(f"{'workload':70} {'trials':>6} {'best us':>10}  record")
+    for result in results:
+        best = f"{result.best.seconds * 1e6:10.1f}  {result.best.id}" if result.best else f"{'-':>10}  none verified"
+        print(f"{result.spec.describe()[:70]:70} {result.trials:6d} {best}")
+    return 0
+
+
+def _logs_ls(args: argparse.Namespace) -> int:
+    from .tuning.database import RECORD_FILE, TuningLog, log_roots  # noqa: PLC0415
+
+    for root in log_roots(args.log_dir):
+        directories = sorted(d for d in root.iterdir() if (d / RECORD_FILE).exists()) if root.is_dir() else []
+        print(f"{root}: {len(directories)} target(s)")
+        for directory in directories:
+            log = TuningLog(directory)
+            specs = log.workloads()
+            print(f"  {directory.name}")
+            for shash in sorted(log.all_records(), key=lambda h: str(specs.get(h))):
+                spec = specs.get(shash)
+                name = _describe_spec(spec) if spec else f"workload {shash}"
+                best = log.best(shash)
+                best_text = f"{best.seconds * 1e6:9.1f} us" if best else "   (all rejected)"
+                print(f"    {name[:72]:72} {log.trials(shash):6d} trials  best {best_text}")
+    return 0
+
+
+def _describe_spec(spec_json: dict) -> str:
+    from .spec import KernelSpec  # noqa: PLC0415
+
+    params = dict(spec_json["params"])
+    frozen = KernelSpec.make(
+        spec_json["op"], tuple(spec_json["input_shape"]), spec_json["dtype"], resolve_target("host"), **params
+    )
+    return frozen.describe()
+
+
+def _logs_merge(args: argparse.Namespace) -> int:
+    from .tuning.database import merge_logs  # noqa: PLC0415
+
+    for key, count in merge_logs(args.sources, args.into).items():
+        print(f"{args.into}/{key}: {count} workload(s), best record of each kept")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tvmlayers", description="torch layers compiled by Apache TVM")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +147,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_commands.add_parser("ls", help="list cached kernels").set_defaults(run=_cache_ls)
     cache_commands.add_parser("clear", help="remove every cached kernel").set_defaults(run=_cache_clear)
+    tune = commands.add_parser("tune", help="auto-tune layer workloads with MetaSchedule (XGBoost cost model)")
+    tune.add_argument("workloads", nargs="?", help="a workload TOML file (see examples/workloads)")
+    tune.add_argument("--model", help="a Python file defining model() (and INPUT_SHAPE): tune every layer it calls")
+    tune.add_argument("--input-shape", help="example input shape for --model, e.g. 1,3,224,224")
+    tune.add_argument("--target", help="preset, TVM tag or target JSON (default: the file's target, else host)")
+    tune.add_argument("--trials", type=int, default=200, help="measured candidates per workload, existing ones count")
+    tune.add_argument("--log-dir", help="tuning-log root (default: $TVMLAYERS_TUNING_LOGS or ~/.local/share/...)")
+    tune.add_argument(
+        "--space",
+        choices=("generic", "ours"),
+        default="generic",
+        help="MetaSchedule's generic rules, or tvmlayers' schedule rules with sampled tile sizes",
+    )
+    tune.add_argument("--trials-per-iter", type=int, default=64)
+    tune.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the devices behind it")
+    tune.add_argument("--rpc-key", help="the device key registered with the tracker")
+    tune.add_argument("--timeout", type=float, default=60.0, help="seconds per build and per run")
+    tune.set_defaults(run=_tune)
+    logs = commands.add_parser("logs", help="inspect or merge tuning logs")
+    logs_commands = logs.add_subparsers(dest="logs_command", required=True)
+    ls = logs_commands.add_parser("ls", help="what is tuned, for which target")
+    ls.add_argument("--log-dir", help="user log root to list before the shipped logs")
+    ls.set_defaults(run=_logs_ls)
+    merge = logs_commands.add_parser("merge", help="merge log roots, keeping the best record per workload")
+    merge.add_argument("sources", nargs="+", help="log roots to merge")
+    merge.add_argument("--into", required=True, help="the log root to write (its own records take part)")
+    merge.set_defaults(run=_logs_merge)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -114,10 +114,13 @@ class TuningLog:
     _indexes: dict[Path, _Index] = {}
     _lock = threading.Lock()
 
-    def __init__(self, root: str | Path, target: tvm.target.Target) -> None:
-        self.target = target
-        self.key = target_key(target)
-        self.directory = Path(root) / self.key
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.key = self.directory.name  # the target key: only records of this target are used
+
+    @classmethod
+    def for_target(cls, root: str | Path, target: tvm.target.Target) -> TuningLog:
+        return cls(Path(root) / target_key(target))
 
     # ------------------------------------------------------------------------------------------ reading
     def _stamp(self) -> tuple:
@@ -185,6 +188,12 @@ class TuningLog:
         rejected = index.meta["rejected"]
         return next((r for r in self.records(workload) if r.id not in rejected), None)
 
+    def trials(self, workload: str) -> int:
+        """Measured candidates behind this workload's records (a merged log keeps only the best record
+        but remembers how many trials it came from)."""
+        recorded = self._index().meta.get("trials", {}).get(workload, 0)
+        return max(len(self.records(workload)), recorded)
+
     def workloads(self) -> dict[str, dict]:
         """workload hash -> spec JSON, for the workloads tuned through tvmlayers."""
         return dict(self._index().meta["workloads"])
@@ -209,10 +218,41 @@ class TuningLog:
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.directory / META_FILE)
 
-    def add_workloads(self, specs: dict[str, KernelSpec]) -> None:
+    def repair(self) -> int:
+        """Move corrupt lines into ``<file>.corrupt`` so that MetaSchedule can open the database (it stops
+        at the first bad line); records of a corrupt workload go too.  Returns how many lines moved."""
+        with self.locked():
+            workload_lines = _raw_lines(self.directory / WORKLOAD_FILE)
+            record_lines = _raw_lines(self.directory / RECORD_FILE)
+            keep_workloads, remap, bad = [], {}, []
+            for index, (number, raw, value) in enumerate(workload_lines):
+                if isinstance(value, list) and len(value) == 2:
+                    remap[index] = len(keep_workloads)
+                    keep_workloads.append(raw)
+                else:
+                    bad.append((WORKLOAD_FILE, number, raw))
+            keep_records = []
+            for number, raw, value in record_lines:
+                if isinstance(value, list) and len(value) == 2 and remap.get(value[0]) is not None:
+                    keep_records.append(json.dumps([remap[value[0]], value[1]]))
+                else:
+                    bad.append((RECORD_FILE, number, raw))
+            if not bad:
+                return 0
+            for name, number, raw in bad:
+                _warn_corrupt(self.directory / name, number, ValueError("moved to " + name + ".corrupt"))
+                with open(self.directory / f"{name}.corrupt", "a") as f:
+                    f.write(raw + "\n")
+            for name, lines in ((WORKLOAD_FILE, keep_workloads), (RECORD_FILE, keep_records)):
+                tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+                tmp.write_text("".join(line + "\n" for line in lines))
+                tmp.replace(self.directory / name)
+            return len(bad)
+
+    def add_workloads(self, specs: dict[str, KernelSpec], target: tvm.target.Target) -> None:
         with self.locked():
             meta = self.meta()
-            meta.update(format=TUNING_LOG_VERSION, tvm_version=tvm.__version__, target=target_json(self.target))
+            meta.update(format=TUNING_LOG_VERSION, tvm_version=tvm.__version__, target=target_json(target))
             for shash, spec in specs.items():
                 meta["workloads"][shash] = spec.to_json()
             self._write_meta(meta)
@@ -229,6 +269,23 @@ def _warn_corrupt(path: Path, line: int, err: Exception) -> None:
     warnings.warn(f"{path}:{line}: skipping a corrupt tuning-log line ({type(err).__name__}: {err})", stacklevel=3)
 
 
+def _raw_lines(path: Path) -> list[tuple[int, str, object]]:
+    """(1-based number, text, parsed JSON or None) of every non-empty line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                value = None
+            lines.append((number, line, value))
+    return lines
+
+
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(1-based line number, parsed JSON or None) of every non-empty line; corrupt lines are reported."""
     try:
@@ -243,3 +300,64 @@ def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
                 _warn_corrupt(path, number, err)
                 value = None
             yield number, value
+
+
+def merge_logs(sources: list[str | Path], destination: str | Path) -> dict[str, int]:
+    """Merge log roots into ``destination``, keeping the fastest record per workload and target.
+
+    Returns {target key: workloads written}.  The destination's own records take part too; each target
+    directory is rewritten atomically (temporary files, then rename) under the log's lock.
+    """
+    destination = Path(destination)
+    keys = sorted(
+        {
+            d.name
+            for root in [*map(Path, sources), destination]
+            if root.is_dir()
+            for d in root.iterdir()
+            if (d / RECORD_FILE).exists()
+        }
+    )
+    written = {}
+    for key in keys:
+        directories = [
+            Path(root) / key for root in [*sources, destination] if (Path(root) / key / RECORD_FILE).exists()
+        ]
+        workloads: dict[str, str] = {}  # hash -> MetaSchedule workload line
+        best: dict[str, tuple[float, list]] = {}  # hash -> (seconds, record entry without its index)
+        meta = {"format": TUNING_LOG_VERSION, "workloads": {}, "rejected": {}, "trials": {}}
+        for directory in directories:
+            lines = [e for _, e in _json_lines(directory / WORKLOAD_FILE)]
+            for _, entry in _json_lines(directory / RECORD_FILE):
+                try:
+                    index, body = entry
+                    shash, seconds = lines[index][0], sum(map(float, body[1])) / len(body[1])
+                except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+                    _warn_corrupt(directory / RECORD_FILE, 0, err)
+                    continue
+                workloads[shash] = json.dumps(lines[index])
+                meta["trials"][shash] = meta["trials"].get(shash, 0) + 1
+                if shash not in best or seconds < best[shash][0]:
+                    best[shash] = (seconds, body)
+            source_meta = TuningLog(directory).meta()
+            for field in ("workloads", "rejected"):
+                meta[field].update(source_meta[field])
+            for shash, count in source_meta.get("trials", {}).items():
+                # a merged log remembers the trials behind its best records
+                meta["trials"][shash] = max(meta["trials"].get(shash, 0), count)
+            meta.update({k: v for k, v in source_meta.items() if k in ("target", "tvm_version")})
+        target_dir = destination / key
+        target_dir.mkdir(parents=True, exist_ok=True)
+        order = sorted(best)
+        staged = {
+            WORKLOAD_FILE: "".join(workloads[h] + "\n" for h in order),
+            RECORD_FILE: "".join(json.dumps([i, best[h][1]]) + "\n" for i, h in enumerate(order)),
+            META_FILE: json.dumps(meta, indent=1, sort_keys=True) + "\n",
+        }
+        with TuningLog(target_dir).locked():
+            for name, text in staged.items():
+                tmp = target_dir / f".{name}.{os.getpid()}.tmp"
+                tmp.write_text(text)
+                tmp.replace(target_dir / name)
+        written[key] = len(order)
+    return written

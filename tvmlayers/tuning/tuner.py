@@ -19,7 +19,7 @@ from tvm.s_tir import meta_schedule as ms
 from .. import ops, schedules
 from ..spec import KernelSpec
 from ..targets import TargetLike, resolve_target
-from ..verify import check_kernel
+from .apply import RecordError, compile_record
 from .database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
 from .fast_import import import_tensor_intrin
 from .progress import Progress, ProgressCallback
@@ -112,20 +112,13 @@ def verified_best(log: TuningLog, spec: KernelSpec, layout: dict, hash_: str) ->
     return None
 
 
-def apply_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> tvm.s_tir.Schedule:
-    sch = tvm.s_tir.Schedule(ops.prim_func(spec, layout))
-    tvm.s_tir.Trace.apply_json_to_schedule(record.trace, sch)
-    return sch
-
-
 def check_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> str | None:
-    """None if the record's kernel matches torch on random inputs, else why not."""
+    """None if the record's kernel builds and matches torch on random inputs, else why not."""
     try:
-        sch = apply_record(spec, layout, record)
-        module = tvm.compile(sch.mod, target=spec.target).jit()
-    except Exception as err:  # noqa: BLE001 - any failure to rebuild the record disqualifies it
-        return f"does not build: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return check_kernel(spec, layout, module[ops.SYMBOL])
+        compile_record(spec, layout, record)
+    except RecordError as err:
+        return str(err)
+    return None
 
 
 def tune(
@@ -152,26 +145,27 @@ def tune(
         raise ValueError(f"trials must be positive, got {trials}")
     import_tensor_intrin()
     tgt = resolve_target(target)
-    log = TuningLog(tune_log_root(log_dir), tgt)
+    log = TuningLog.for_target(tune_log_root(log_dir), tgt)
     tasks = []
     for workload in _as_workloads(workloads):
         spec = workload.spec(tgt)
         layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, tgt)
         func = ops.prim_func(spec, layout)
         hash_ = workload_hash(func)
-        tasks.append(_Task(workload, spec, func, hash_, len(log.records(hash_))))
+        tasks.append(_Task(workload, spec, func, hash_, log.trials(hash_)))
     if not tasks:
         raise ValueError("no workloads to tune")
-    log.add_workloads({t.hash: t.spec for t in tasks})
+    log.add_workloads({t.hash: t.spec for t in tasks}, tgt)
     pending = [t for t in tasks if t.done < trials]
     if pending:
         with _only_tuner(log):
+            log.repair()  # MetaSchedule cannot open a database with a corrupt line
             _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
     results = []
     for task in tasks:
         layout = schedules.weight_layout(task.spec.op, dict(task.spec.params), task.spec.dtype, tgt)
         best = verified_best(log, task.spec, layout, task.hash)
-        results.append(TaskResult(task.workload, task.spec, task.hash, len(log.records(task.hash)), best))
+        results.append(TaskResult(task.workload, task.spec, task.hash, log.trials(task.hash), best))
     return results
 
 

@@ -1,0 +1,298 @@
+"""Tuning end to end on tiny workloads: records measured and written, picked up by a fresh process,
+resumed, corrupt lines, records of another target, wrong records, merging, and RPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tvmlayers as tl
+from tvmlayers import ops, schedules
+from tvmlayers.spec import KernelSpec
+from tvmlayers.targets import resolve_target
+from tvmlayers.tuning.database import RECORD_FILE, TuningLog, merge_logs, workload_hash
+from tvmlayers.tuning.tuner import tune
+from tvmlayers.tuning.workloads import Workload, format_workloads, load_workloads, save_workloads
+from tvmlayers.verify import check_kernel
+
+HOST = resolve_target("host")
+# The tiny conv every tuning test uses: small enough that a build and a run take well under a second.
+CONV = KernelSpec.make(
+    "conv2d",
+    (1, 8, 6, 6),
+    "float32",
+    HOST,
+    stride=(1, 1),
+    padding=(1, 1, 1, 1),
+    dilation=(1, 1),
+    groups=1,
+    padding_mode="zeros",
+    bias=True,
+    weight_shape=(16, 8, 3, 3),
+)
+
+
+def _log(root: Path) -> TuningLog:
+    return TuningLog.for_target(root, HOST)
+
+
+def _hash(spec: KernelSpec) -> str:
+    layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, HOST)
+    return workload_hash(ops.prim_func(spec, layout))
+
+
+@pytest.fixture(scope="module")
+def tuned_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log root with a few measured records of CONV (shared: tuning costs tens of seconds)."""
+    root = tmp_path_factory.mktemp("logs")
+    (result,) = tune([CONV], HOST, trials=6, log_dir=root, trials_per_iter=6, progress=False)
+    assert result.best is not None and result.trials >= 1
+    return root
+
+
+def test_records_are_measured_and_written(tuned_log: Path) -> None:
+    log = _log(tuned_log)
+    records = log.records(_hash(CONV))
+    assert records and all(r.seconds > 0 for r in records)
+    assert records == sorted(records, key=lambda r: r.seconds)
+    meta = json.loads((log.directory / "tvmlayers.json").read_text())
+    assert meta["format"] == 1 and meta["tvm_version"] and meta["target"]["mcpu"] == HOST.attrs["mcpu"]
+    assert meta["workloads"][_hash(CONV)]["op"] == "conv2d"
+
+
+CHILD = """
+import json, torch, tvmlayers as tl
+torch.manual_seed(0)
+reference = torch.nn.Conv2d(8, 16, 3, padding=1)
+ours = tl.Conv2d.from_torch(reference)
+x = torch.randn(1, 8, 6, 6)
+with torch.no_grad():
+    error = (ours(x) - reference(x)).abs().max().item()
+(kernel,) = ours.kernels.values()
+print(json.dumps({"error": error, "provenance": kernel.provenance}))
+"""
+
+
+def _child(env: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_fresh_process_uses_the_tuned_record(tuned_log: Path, tmp_path: Path) -> None:
+    report = _child({"TVMLAYERS_TUNING_LOGS": str(tuned_log), "TVMLAYERS_CACHE_DIR": str(tmp_path)})
+    best = _log(tuned_log).best(_hash(CONV))
+    assert report["provenance"]["source"] == "tuned" and report["provenance"]["record"] == best.id
+    assert report["error"] < 1e-4
+    # without the log the same layer falls back to the default rule (and a different cache key)
+    report = _child({"TVMLAYERS_TUNING_LOGS": str(tmp_path / "empty"), "TVMLAYERS_CACHE_DIR": str(tmp_path)})
+    assert report["provenance"] == {"source": "default", "rule": "x86.conv2d_blocked"}
+
+
+def test_rerun_counts_existing_trials(tuned_log: Path) -> None:
+    log = _log(tuned_log)
+    before = log.trials(_hash(CONV))
+    start = time.monotonic()
+    (result,) = tune([CONV], HOST, trials=before, log_dir=tuned_log, progress=False)
+    assert result.trials == before, "nothing left to do: no new trials"
+    assert time.monotonic() - start < 30
+
+
+def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
+    workload_file = tmp_path / "tiny.toml"
+    save_workloads([Workload.from_spec(CONV)], workload_file, name="tiny")
+    command = [
+        str(Path(sys.executable).with_name("tvmlayers")),
+        "tune",
+        str(workload_file),
+        "--trials",
+        "500",
+        "--trials-per-iter",
+        "4",
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = _log(tmp_path / "logs").directory / RECORD_FILE
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (records.exists() and records.read_text().count("\n") >= 4):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    process.communicate(timeout=120)
+    kept = _log(tmp_path / "logs").trials(_hash(CONV))
+    assert kept >= 4, "the records measured before the interrupt are kept"
+    assert all(json.loads(line) for line in records.read_text().splitlines())
+    (result,) = tune(
+        str(workload_file), HOST, trials=kept + 4, log_dir=tmp_path / "logs", trials_per_iter=4, progress=False
+    )
+    assert kept < result.trials <= kept + 8, "resumed: only the missing trials were run"
+
+
+def test_corrupt_line_is_reported_and_skipped(tuned_log: Path, tmp_path: Path) -> None:
+    root = tmp_path / "logs"
+    merge_logs([tuned_log], root)
+    records = _log(root).directory / RECORD_FILE
+    with open(records, "a") as f:
+        f.write('[0, [["truncated\n')
+    with pytest.warns(UserWarning, match=rf"{records}:2: skipping a corrupt tuning-log line"):
+        assert _log(root).best(_hash(CONV)) is not None
+    assert _log(root).repair() == 1
+    assert (records.parent / (RECORD_FILE + ".corrupt")).read_text().startswith('[0, [["truncated')
+
+
+def test_records_of_another_target_are_never_applied(tuned_log: Path, tmp_path: Path) -> None:
+    root = tmp_path / "logs"
+    merge_logs([tuned_log], root)
+    records = _log(root).directory / RECORD_FILE
+    lines = []
+    for line in records.read_text().splitlines():
+        index, (trace, secs, target, args) = json.loads(line)
+        target = {**target, "mcpu": "skylake-avx512"}  # measured on another CPU
+        lines.append(json.dumps([index, [trace, secs, target, args]]))
+    records.write_text("\n".join(lines) + "\n")
+    assert _log(root).records(_hash(CONV)) == []
+    assert _log(root).best(_hash(CONV)) is None
+
+
+def test_an_unusable_record_is_rejected_and_skipped(tuned_log: Path, tmp_path: Path, monkeypatch) -> None:
+    """A record whose trace no longer replays (here: its sampled tile sizes are tampered with) must never
+    reach the user as an error: it is marked rejected, and the layer falls back to the default rule."""
+    root = tmp_path / "logs"
+    merge_logs([tuned_log], root)
+    log = _log(root)
+    records = log.directory / RECORD_FILE
+    index, (trace, secs, target, args) = json.loads(records.read_text().splitlines()[0])
+    instructions, decisions = trace
+    trace = [instructions, [[at, [7, 13] if isinstance(d, list) else 97] for at, d in decisions]]
+    records.write_text(json.dumps([index, [trace, secs, target, args]]) + "\n")
+    assert log.best(_hash(CONV)) is not None
+    monkeypatch.setenv("TVMLAYERS_TUNING_LOGS", str(root))
+    monkeypatch.setenv("TVMLAYERS_CACHE_DIR", str(tmp_path / "cache"))
+    x, w, b = torch.randn(1, 8, 6, 6), torch.randn(16, 8, 3, 3), torch.randn(16)
+    with pytest.warns(UserWarning, match=r"is unusable for conv2d 1x8x6x6 .*: does not build.*marked rejected"):
+        out = tl.functional.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+    assert log.best(_hash(CONV)) is None
+    assert list(json.loads((log.directory / "tvmlayers.json").read_text())["rejected"].values())[0].startswith(
+        "does not build"
+    )
+
+
+def test_check_kernel_flags_a_wrong_kernel() -> None:
+    def zeros(*args: torch.Tensor) -> None:
+        args[-1].zero_()
+
+    problem = check_kernel(CONV, {"weight_block": 16}, zeros)
+    assert problem is not None and "differs from torch" in problem
+
+
+def test_merge_keeps_the_best_record_per_workload(tuned_log: Path, tmp_path: Path) -> None:
+    merged = merge_logs([tuned_log], tmp_path / "merged")
+    assert list(merged.values()) == [1]
+    log = _log(tmp_path / "merged")
+    assert len(log.records(_hash(CONV))) == 1
+    assert log.best(_hash(CONV)).seconds == _log(tuned_log).best(_hash(CONV)).seconds
+    assert log.trials(_hash(CONV)) == _log(tuned_log).trials(_hash(CONV))
+
+
+def test_workload_file_round_trip_and_errors(tmp_path: Path) -> None:
+    workloads = [Workload.from_spec(CONV, count=3), Workload.from_spec(KernelSpec.make("relu", (64,), "float32", HOST))]
+    path = tmp_path / "w.toml"
+    path.write_text(format_workloads(workloads, name="two", target="host"))
+    loaded, settings = load_workloads(path)
+    assert loaded == workloads and settings == {"name": "two", "target": "host"}
+    path.write_text('format = 1\n[[layer]]\nop = "conv3d"\ninput_shape = [1]\n')
+    with pytest.raises(ValueError, match=r"\[\[layer\]\] number 1 is invalid: unknown op 'conv3d'"):
+        load_workloads(path)
+    path.write_text("format = 2\n")
+    with pytest.raises(ValueError, match="expected 'format = 1'"):
+        load_workloads(path)
+
+
+def test_extract_workloads_counts_repeated_calls() -> None:
+    from tvmlayers.tuning.extract import extract_workloads
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+    )
+    workloads = extract_workloads(model, torch.randn(1, 3, 10, 10))
+    counts = {(w.op, w.input_shape): w.count for w in workloads}
+    assert counts == {("conv2d", (1, 3, 10, 10)): 1, ("relu", (800,)): 2, ("conv2d", (1, 8, 10, 10)): 2}
+    assert extract_workloads(tl.convert(model), torch.randn(1, 3, 10, 10)) == workloads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
+    port = _free_port()
+    tracker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ]
+    )
+    server = None
+    try:
+        time.sleep(3)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(_free_port()),
+                "--tracker",
+                f"127.0.0.1:{port}",
+                "--key",
+                "loopback",
+            ]
+        )
+        time.sleep(4)
+        (result,) = tune(
+            [CONV],
+            HOST,
+            trials=2,
+            log_dir=tmp_path,
+            trials_per_iter=2,
+            rpc_tracker=f"127.0.0.1:{port}",
+            rpc_key="loopback",
+            progress=False,
+        )
+        assert result.trials >= 1 and result.best is not None and result.best.seconds > 0
+    finally:
+        for process in (server, tracker):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
