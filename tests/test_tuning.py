@@ -170,15 +170,18 @@ def test_records_of_another_target_are_never_applied(tuned_log: Path, tmp_path: 
 
 
 def test_an_unusable_record_is_rejected_and_skipped(tuned_log: Path, tmp_path: Path, monkeypatch) -> None:
-    """A record whose trace no longer replays (here: its sampled tile sizes are tampered with) must never
+    """A record whose trace no longer replays (here: it names a block the kernel does not have) must never
     reach the user as an error: it is marked rejected, and the layer falls back to the default rule."""
     root = tmp_path / "logs"
     merge_logs([tuned_log], root)
     log = _log(root)
     records = log.directory / RECORD_FILE
     index, (trace, secs, target, args) = json.loads(records.read_text().splitlines()[0])
-    instructions, decisions = trace
-    trace = [instructions, [[at, [7, 13] if isinstance(d, list) else 97] for at, d in decisions]]
+    instructions = json.dumps(trace[0])
+    assert '"GetSBlock"' in instructions
+    tampered = instructions.replace('["conv_blocked", "main"]', '["no_such_block", "main"]')
+    assert tampered != instructions
+    trace = [json.loads(tampered), trace[1]]
     records.write_text(json.dumps([index, [trace, secs, target, args]]) + "\n")
     assert log.best(_hash(CONV)) is not None
     monkeypatch.setenv("TVMLAYERS_TUNING_LOGS", str(root))
@@ -247,18 +250,19 @@ def _free_port() -> int:
 
 
 def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
-    port = _free_port()
+    tracker_port, server_port = _free_port(), _free_port()
+    python = sys.executable
     tracker = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "tvm.exec.rpc_tracker",
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(tracker_port),
             "--port-end",
-            str(port + 1),
+            str(tracker_port + 1),
         ]
     )
     server = None
@@ -266,27 +270,30 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
         time.sleep(3)
         server = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "tvm.exec.rpc_server",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(_free_port()),
+                str(server_port),
+                "--port-end",
+                str(server_port + 1),
                 "--tracker",
-                f"127.0.0.1:{port}",
+                f"127.0.0.1:{tracker_port}",
                 "--key",
                 "loopback",
             ]
         )
         time.sleep(4)
+        assert tracker.poll() is None and server.poll() is None, "tracker and server are up"
         (result,) = tune(
             [CONV],
             HOST,
             trials=2,
             log_dir=tmp_path,
             trials_per_iter=2,
-            rpc_tracker=f"127.0.0.1:{port}",
+            rpc_tracker=f"127.0.0.1:{tracker_port}",
             rpc_key="loopback",
             progress=False,
         )

@@ -12,6 +12,24 @@ from .threads import get_num_threads, init_threads, set_num_threads
 
 __version__ = "0.1.0"
 
+# Tuning pulls in MetaSchedule's Python side; load it on first use, not on `import tvmlayers`.
+_LAZY = {
+    "tune": "tvmlayers.tuning.tuner",
+    "extract_workloads": "tvmlayers.tuning.extract",
+    "load_workloads": "tvmlayers.tuning.workloads",
+    "save_workloads": "tvmlayers.tuning.workloads",
+    "Workload": "tvmlayers.tuning.workloads",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib  # noqa: PLC0415
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tvmlayers' has no attribute {name!r}")
+
+
 init_threads()
 
 __all__ = [
@@ -28,4 +46,5 @@ __all__ = [
     "resolve_target",
     "get_num_threads",
     "set_num_threads",
+    *_LAZY,
 ]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import tvm
 import tvm_ffi
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..formats import canonical_json
 from ..spec import KernelSpec
@@ -67,8 +68,6 @@ def log_roots(log_dir: str | Path | None = None) -> list[Path]:
 
 def workload_hash(func: tvm.tirx.PrimFunc) -> str:
     """The structural hash MetaSchedule files a PrimFunc's workload under."""
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # noqa: PLC0415
-
     return str(tvm_ffi.structural_hash(_normalize_mod(func)))
 
 
@@ -255,6 +254,13 @@ class TuningLog:
             meta.update(format=TUNING_LOG_VERSION, tvm_version=tvm.__version__, target=target_json(target))
             for shash, spec in specs.items():
                 meta["workloads"][shash] = spec.to_json()
+            self._write_meta(meta)
+
+    def mark_baselines(self, workloads: list[str]) -> None:
+        """Remember which workloads have their default schedule measured in the log."""
+        with self.locked():
+            meta = self.meta()
+            meta.setdefault("baselines", {}).update(dict.fromkeys(workloads, True))
             self._write_meta(meta)
 
     def reject(self, record: TuningRecord, reason: str) -> None:

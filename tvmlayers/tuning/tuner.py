@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from .. import ops, schedules
 from ..spec import KernelSpec
@@ -121,6 +122,40 @@ def check_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> str | 
     return None
 
 
+def _measure_default(task: _Task, target: tvm.target.Target) -> tuple[tvm.s_tir.Schedule, float]:
+    """The default schedule of a task and its run time, measured like MetaSchedule's LocalRunner does."""
+    sch, _ = schedules.default_schedule(task.func, target)
+    module = tvm.compile(sch.mod, target=target).jit()
+    device = tvm.cpu()
+    args = [tvm.runtime.empty([int(d) for d in p.shape], str(p.dtype), device) for p in task.func.params]
+    config = ms.runner.EvaluatorConfig()
+    timer = module.time_evaluator(
+        ops.SYMBOL, device, number=config.number, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms
+    )
+    return sch, float(timer(*args).mean)
+
+
+def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target) -> None:
+    """Put each task's default schedule in the log as a measured record, once: the search then starts
+    from it, and a tuned record is never slower than the kernel users would get without tuning."""
+    seeded = log.meta().get("baselines", {})
+    todo = [t for t in tasks if t.hash not in seeded]
+    if not todo:
+        return
+    database = ms.database.JSONDatabase(
+        path_workload=str(log.directory / WORKLOAD_FILE), path_tuning_record=str(log.directory / RECORD_FILE)
+    )
+    for task in todo:
+        sch, seconds = _measure_default(task, target)
+        workload = database.commit_workload(_normalize_mod(task.func))  # as MetaSchedule files it
+        database.commit_tuning_record(
+            ms.database.TuningRecord(
+                sch.trace, workload, [seconds], target, ms.arg_info.ArgInfo.from_prim_func(task.func)
+            )
+        )
+    log.mark_baselines([t.hash for t in todo])
+
+
 def tune(
     workloads: str | Path | Sequence[Workload | KernelSpec],
     target: TargetLike = "host",
@@ -152,14 +187,18 @@ def tune(
         layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, tgt)
         func = ops.prim_func(spec, layout)
         hash_ = workload_hash(func)
-        tasks.append(_Task(workload, spec, func, hash_, log.trials(hash_)))
+        tasks.append(_Task(workload, spec, func, hash_, done=0))  # counted under the tuner lock below
     if not tasks:
         raise ValueError("no workloads to tune")
     log.add_workloads({t.hash: t.spec for t in tasks}, tgt)
-    pending = [t for t in tasks if t.done < trials]
-    if pending:
-        with _only_tuner(log):
-            log.repair()  # MetaSchedule cannot open a database with a corrupt line
+    with _only_tuner(log):
+        log.repair()  # MetaSchedule cannot open a database with a corrupt line
+        if rpc_tracker is None:  # a baseline measured here says nothing about a remote device
+            _seed_defaults(tasks, log, tgt)
+        for task in tasks:
+            task.done = log.trials(task.hash)
+        pending = [t for t in tasks if t.done < trials]
+        if pending:
             _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
     results = []
     for task in tasks:
