@@ -1,4 +1,4 @@
-"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``."""
+"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``, ``bench``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,27 @@ def _logs_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench  # noqa: PLC0415
+
+    files = list(args.workloads)
+    if args.suite:
+        suite = Path(__file__).resolve().parent.parent / "examples" / "workloads"
+        if not suite.is_dir():
+            raise SystemExit(f"tvmlayers bench: --suite standard needs the source tree's {suite}")
+        files += sorted(suite.glob("*.toml"))
+    if not files:
+        raise SystemExit("tvmlayers bench: give workload files or --suite standard")
+    report = bench(files, args.target, repeat=args.repeat, threads=args.threads)
+    print(report.to_text())
+    for path, write in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
+        if path:
+            Path(path).write_text(write())
+    if args.plot:
+        report.plot(args.plot)
+    return 0 if all(row.correct for row in report.rows) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tvmlayers", description="torch layers compiled by Apache TVM")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge.add_argument("sources", nargs="+", help="log roots to merge")
     merge.add_argument("--into", required=True, help="the log root to write (its own records take part)")
     merge.set_defaults(run=_logs_merge)
+    bench = commands.add_parser("bench", help="time every layer of workload files against torch")
+    bench.add_argument("workloads", nargs="*", help="workload TOML files")
+    bench.add_argument("--suite", choices=("standard",), help="every file in examples/workloads")
+    bench.add_argument("--target", default="host")
+    bench.add_argument("--repeat", type=int, default=50, help="interleaved timed repeats per layer")
+    bench.add_argument("--threads", type=int, default=None, help="TVM and torch threads (default: torch's)")
+    bench.add_argument("--json", help="write the report as JSON")
+    bench.add_argument("--markdown", help="write the report as a Markdown table")
+    bench.add_argument("--plot", help="write a PNG bar chart of the speedups")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -25,6 +25,7 @@ class Kernel:
     provenance: dict  # {"source": "default", "rule": ...}; later {"source": "tuned", ...}
     built_here: bool  # False when it was loaded from a cache entry built by an earlier call or process
     _func: Any = field(repr=False, default=None)
+    module: Any = field(repr=False, default=None)  # the loaded runtime Module (for time_evaluator)
 
     @classmethod
     def load(cls, spec: KernelSpec, entry: CacheEntry, built_here: bool) -> Kernel:
@@ -39,6 +40,7 @@ class Kernel:
             provenance=manifest["provenance"],
             built_here=built_here,
             _func=module[manifest.get("symbol", SYMBOL)],
+            module=module,
         )
 
     @property

@@ -1,0 +1,105 @@
+"""The benchmark harness on tiny shapes: every field is filled, a wrong kernel is flagged, JSON round-trips.
+No timing is asserted: these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tvmlayers.bench import BenchReport, bench, bench_spec
+from tvmlayers.cli import main
+from tvmlayers.spec import KernelSpec
+from tvmlayers.targets import resolve_target
+from tvmlayers.tuning.workloads import Workload, save_workloads
+
+HOST = resolve_target("host")
+SPECS = [
+    KernelSpec.make(
+        "conv2d",
+        (1, 4, 8, 8),
+        "float32",
+        HOST,
+        stride=(1, 1),
+        padding=(1, 1, 1, 1),
+        dilation=(1, 1),
+        groups=1,
+        padding_mode="zeros",
+        bias=True,
+        weight_shape=(16, 4, 3, 3),
+    ),
+    KernelSpec.make(
+        "max_pool2d",
+        (1, 4, 8, 8),
+        "float32",
+        HOST,
+        kernel_size=(2, 2),
+        stride=(2, 2),
+        padding=(0, 0),
+        dilation=(1, 1),
+        ceil_mode=False,
+        return_indices=True,
+    ),
+    KernelSpec.make("linear", (3, 10), "float32", HOST, bias=False, weight_shape=(16, 10)),
+    KernelSpec.make("relu", (64,), "float32", HOST),
+]
+
+
+def test_report_has_every_field_and_round_trips(tmp_path: Path) -> None:
+    report = bench(SPECS, repeat=3, warmup=1, threads=1)
+    assert report.threads == 1 and report.peak_gflops > 0 and report.peak_gbps > 0
+    assert [row.op for row in report.rows] == ["conv2d", "max_pool2d", "linear", "relu"]
+    for row in report.rows:
+        assert row.correct and row.max_error < 1e-4
+        for value in (
+            row.ours_ms,
+            row.ours_spread_ms,
+            row.kernel_ms,
+            row.torch_ms,
+            row.speedup,
+            row.rate,
+            row.percent_of_peak,
+        ):
+            assert value is not None and value >= 0
+        assert row.unit == ("GFLOP/s" if row.op in ("conv2d", "linear") else "GB/s")
+        assert row.provenance
+    assert set(report.geomean_speedups()) == {"conv2d", "max_pool2d", "linear", "relu", "all"}
+    assert BenchReport.from_json(report.to_json()) == report
+    markdown = report.to_markdown()
+    assert markdown.count("\n|") == len(SPECS) + 2 and "geometric-mean speedup" in markdown
+    report.plot(tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_wrong_kernel_is_flagged_not_timed() -> None:
+    peak = (100.0, 10.0)
+    row = bench_spec(SPECS[3], HOST, repeat=3, warmup=1, peak=peak, ours=lambda: torch.zeros(64) - 1)
+    assert not row.correct and row.max_error > 0.5
+    assert row.ours_ms is None and row.speedup is None
+
+
+def test_cli_writes_json_markdown_and_plot(tmp_path: Path, capsys) -> None:
+    workloads = tmp_path / "tiny.toml"
+    save_workloads([Workload.from_spec(SPECS[3])], workloads)
+    status = main(
+        [
+            "bench",
+            str(workloads),
+            "--repeat",
+            "3",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
+    assert status == 0
+    assert "relu 64" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["op"] == "relu"
+    assert (tmp_path / "r.md").read_text().startswith("target ")
+    assert (tmp_path / "r.png").exists()

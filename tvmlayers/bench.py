@@ -1,0 +1,331 @@
+"""Benchmark tvmlayers against torch, layer by layer, in one process with the same thread count.
+
+For every workload: the output is checked against torch first (a wrong kernel is reported, never
+timed); then tvmlayers' user path (a call with torch tensors) and torch are timed interleaved, after a
+warm-up, and the bare kernel is timed with TVM's time_evaluator, so the call overhead shows.  Rows carry
+GFLOP/s (conv2d, linear) or GB/s (max_pool2d, relu) and the percentage of the machine's measured peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tvm
+
+from . import functional as tf
+from .spec import KernelSpec
+from .targets import TargetLike, resolve_target, target_key
+from .threads import get_num_threads, set_num_threads
+from .tuning.workloads import Workload, load_workloads
+
+REPORT_FORMAT = 1
+
+
+@dataclass
+class BenchRow:
+    layer: str  # one-line description of the spec
+    op: str
+    input_shape: list[int]
+    provenance: str  # "tuned <record>" or "default <rule>"
+    correct: bool
+    max_error: float
+    ours_ms: float | None = None  # user path: median of the interleaved repeats
+    ours_spread_ms: float | None = None  # interquartile range
+    kernel_ms: float | None = None  # TVM time_evaluator, no Python in the loop
+    torch_ms: float | None = None
+    torch_spread_ms: float | None = None
+    speedup: float | None = None  # torch time / tvmlayers time: above 1 is faster than torch
+    rate: float | None = None  # GFLOP/s or GB/s of the user path
+    unit: str = "GFLOP/s"
+    percent_of_peak: float | None = None
+
+
+@dataclass
+class BenchReport:
+    target: str
+    threads: int
+    repeat: int
+    peak_gflops: float
+    peak_gbps: float
+    rows: list[BenchRow] = field(default_factory=list)
+    format: int = REPORT_FORMAT
+
+    def geomean_speedups(self) -> dict[str, float]:
+        """Geometric-mean speedup per op and overall ("all"), over correct rows."""
+        groups: dict[str, list[float]] = {}
+        for row in self.rows:
+            if row.speedup:
+                groups.setdefault(row.op, []).append(row.speedup)
+                groups.setdefault("all", []).append(row.speedup)
+        return {op: statistics.geometric_mean(values) for op, values in groups.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchReport:
+        data = json.loads(text)
+        rows = [BenchRow(**row) for row in data.pop("rows")]
+        return cls(**data, rows=rows)
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        header = ["layer", "schedule", "tvmlayers ms", "kernel ms", "torch ms", "speedup", "rate", "% peak"]
+        lines = []
+        for r in self.rows:
+            if not r.correct:
+                lines.append([r.layer, r.provenance, f"WRONG (max error {r.max_error:.3g})", "", "", "", "", ""])
+                continue
+            lines.append(
+                [
+                    r.layer,
+                    r.provenance,
+                    f"{r.ours_ms:.3f} ± {r.ours_spread_ms:.3f}",
+                    f"{r.kernel_ms:.3f}",
+                    f"{r.torch_ms:.3f} ± {r.torch_spread_ms:.3f}",
+                    f"{r.speedup:.2f}x",
+                    f"{r.rate:.1f} {r.unit}",
+                    f"{r.percent_of_peak:.0f}%",
+                ]
+            )
+        return header, lines
+
+    def summary(self) -> str:
+        means = self.geomean_speedups()
+        parts = [f"{op} {value:.2f}x" for op, value in sorted(means.items()) if op != "all"]
+        overall = f"overall {means['all']:.2f}x" if "all" in means else "no correct rows"
+        wrong = sum(not r.correct for r in self.rows)
+        return f"geometric-mean speedup over torch: {', '.join(parts)}; {overall}" + (
+            f"; {wrong} WRONG kernel(s)" if wrong else ""
+        )
+
+    def header(self) -> str:
+        return (
+            f"target {self.target}, {self.threads} threads (TVM and torch), median of {self.repeat} interleaved "
+            f"repeats; measured peak {self.peak_gflops:.0f} GFLOP/s (matmul), {self.peak_gbps:.1f} GB/s (copy)"
+        )
+
+    def to_text(self) -> str:
+        header, lines = self._table()
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        render = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+        render += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+        return "\n".join([self.header(), *render, self.summary()])
+
+    def to_markdown(self) -> str:
+        header, lines = self._table()
+        out = [self.header(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join([*out, "", self.summary()]) + "\n"
+
+    def plot(self, path: str | Path) -> None:
+        """A bar chart of the speedup per layer, log scale, 1.0 (torch) marked."""
+        import matplotlib  # noqa: PLC0415 - only the chart needs it
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        rows = [r for r in self.rows if r.speedup]
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+        labels = [f"{r.op} {'x'.join(map(str, r.input_shape))}" for r in rows]
+        colors = ["tab:green" if r.speedup >= 1 else "tab:red" for r in rows]
+        ax.barh(range(len(rows)), [r.speedup for r in rows], color=colors)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xlabel("speedup over torch (torch time / tvmlayers time), log scale")
+        ax.set_title(f"tvmlayers vs torch on {self.target}, {self.threads} threads")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _label(spec: KernelSpec) -> str:
+    """A short name of a layer call, e.g. ``conv2d 1x64x56x56 64->64 k3x3 s1 p1``."""
+    p = dict(spec.params)
+    shape = "x".join(map(str, spec.input_shape))
+    if spec.op == "conv2d":
+        out_channels, in_per_group, kh, kw = p["weight_shape"]
+        groups = f" g{p['groups']}" if p["groups"] != 1 else ""
+        return (
+            f"conv2d {shape} {in_per_group * p['groups']}->{out_channels} k{kh}x{kw} s{p['stride'][0]} "
+            f"p{p['padding'][0]}{groups}"
+        )
+    if spec.op == "max_pool2d":
+        return f"max_pool2d {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}"
+    if spec.op == "linear":
+        return f"linear {shape} ->{p['weight_shape'][0]}"
+    return f"relu {shape}"
+
+
+def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
+    """Work of one call: FLOPs for conv2d/linear, bytes moved for max_pool2d/relu."""
+    p = dict(spec.params)
+    itemsize = 8 if spec.dtype == "float64" else 4
+    if spec.op == "conv2d":
+        _, in_per_group, kh, kw = p["weight_shape"]
+        return 2.0 * math.prod(out_shape) * in_per_group * kh * kw, "GFLOP/s"
+    if spec.op == "linear":
+        return 2.0 * math.prod(out_shape) * spec.input_shape[-1], "GFLOP/s"
+    return float(itemsize * (math.prod(spec.input_shape) + math.prod(out_shape))), "GB/s"
+
+
+def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, torch.Tensor]:
+    """(tvmlayers call, torch call, input) for a workload, through the public functional API."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}[spec.dtype]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(spec.input_shape, generator=generator, dtype=dtype)
+    p = dict(spec.params)
+    if spec.op == "conv2d":
+        w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
+        b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
+        top, left, bottom, right = p["padding"]
+        args = (p["stride"], (top, left), p["dilation"], p["groups"])
+        if (top, left) != (bottom, right):  # only 'same' with an even kernel pads unevenly
+            args = (p["stride"], "same", p["dilation"], p["groups"])
+        mode = p["padding_mode"]
+        pads = (left, right, top, bottom)
+        torch_mode = {"zeros": "constant"}.get(mode, mode)
+        return (
+            lambda: tf.conv2d(x, w, b, *args, padding_mode=mode, target=target),
+            lambda: (
+                F.conv2d(F.pad(x, pads, mode=torch_mode), w, b, p["stride"], 0, p["dilation"], p["groups"])
+                if mode != "zeros"
+                else F.conv2d(x, w, b, *args)
+            ),
+            x,
+        )
+    if spec.op == "max_pool2d":
+        args = (p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], p["return_indices"])
+        return lambda: tf.max_pool2d(x, *args, target=target), lambda: F.max_pool2d(x, *args), x
+    if spec.op == "linear":
+        w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
+        b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
+        return lambda: tf.linear(x, w, b, target=target), lambda: F.linear(x, w, b), x
+    return lambda: tf.relu(x, target=target), lambda: F.relu(x), x
+
+
+def _first(value: torch.Tensor | tuple) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _interleaved(a: Callable, b: Callable, repeat: int, warmup: int) -> tuple[list[float], list[float]]:
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a()
+        middle = time.perf_counter()
+        b()
+        end = time.perf_counter()
+        times_a.append(middle - start)
+        times_b.append(end - middle)
+    return times_a, times_b
+
+
+def _median_and_spread(times: list[float]) -> tuple[float, float]:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3
+
+
+def measure_peak(threads: int) -> tuple[float, float]:
+    """The machine's peak as torch reaches it: GFLOP/s of a 2048^3 float32 matmul, GB/s of a 256 MB copy."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul = min(_interleaved(lambda: a @ b, lambda: None, 5, 2)[0])
+    source, destination = torch.randn(1 << 26), torch.empty(1 << 26)
+    copy = min(_interleaved(lambda: destination.copy_(source), lambda: None, 5, 2)[0])
+    return 2 * 2048**3 / matmul / 1e9, 2 * source.numel() * 4 / copy / 1e9
+
+
+def bench_spec(
+    spec: KernelSpec,
+    target: tvm.target.Target,
+    repeat: int,
+    warmup: int,
+    peak: tuple[float, float],
+    ours: Callable | None = None,
+) -> BenchRow:
+    """One row; ``ours`` replaces the tvmlayers call (the harness's own tests use it)."""
+    ours_call, torch_call, x = _calls(spec, target)
+    ours_call = ours or ours_call
+    with torch.no_grad():
+        got, want = _first(ours_call()), _first(torch_call())
+    from .build import kernel_for  # noqa: PLC0415 - the kernel the call above just built or loaded
+
+    kernel = kernel_for(spec)
+    provenance = kernel.provenance
+    source = f"tuned {provenance['record'][:8]}" if provenance["source"] == "tuned" else provenance["rule"]
+    error = (got - want).abs().max().item() if got.shape == want.shape else math.inf
+    tolerance = (
+        1e-3 * (1 + want.abs().max().item()) if spec.dtype == "float32" else 1e-9 * (1 + want.abs().max().item())
+    )
+    row = BenchRow(_label(spec), spec.op, list(spec.input_shape), source, bool(error <= tolerance), error)
+    if not row.correct:
+        return row
+    with torch.no_grad():
+        ours_times, torch_times = _interleaved(ours_call, torch_call, repeat, warmup)
+    row.ours_ms, row.ours_spread_ms = _median_and_spread(ours_times)
+    row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
+    row.speedup = row.torch_ms / row.ours_ms
+    args = _kernel_args(spec, kernel, x)
+    timer = kernel.module.time_evaluator(
+        kernel.module.entry_name if False else "tvmlayers_kernel", tvm.cpu(), number=10, repeat=max(3, repeat // 10)
+    )
+    row.kernel_ms = float(statistics.median(timer(*args).results)) * 1e3
+    work, row.unit = _work(spec, tuple(want.shape))
+    row.rate = work / (row.ours_ms / 1e3) / 1e9
+    row.percent_of_peak = 100 * row.rate / (peak[0] if row.unit == "GFLOP/s" else peak[1])
+    return row
+
+
+def _kernel_args(spec: KernelSpec, kernel, x: torch.Tensor) -> list:
+    from .layouts import block_out_channels  # noqa: PLC0415
+
+    dtype = x.dtype
+    args = [x.contiguous().view(spec.input_shape)]
+    p = dict(spec.params)
+    if spec.op in ("conv2d", "linear"):
+        args.append(block_out_channels(torch.randn(p["weight_shape"], dtype=dtype), kernel.weight_block))
+        if p["bias"]:
+            args.append(torch.randn(p["weight_shape"][0], dtype=dtype))
+    dtypes = [dtype, torch.int64]
+    args += [torch.empty(shape, dtype=dtypes[i]) for i, shape in enumerate(kernel.output_shapes)]
+    return [tvm.runtime.from_dlpack(a) for a in args]
+
+
+def bench(
+    workloads: str | Path | Sequence[str | Path | Workload | KernelSpec],
+    target: TargetLike = "host",
+    repeat: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> BenchReport:
+    """Benchmark every workload (files, Workload or KernelSpec objects) against torch."""
+    tgt = resolve_target(target)
+    if tgt.kind.name != "llvm":
+        raise ValueError("tvmlayers bench runs kernels on this machine's CPU: use a CPU target such as 'host'")
+    items = [workloads] if isinstance(workloads, str | Path) else list(workloads)
+    specs: list[KernelSpec] = []
+    for item in items:
+        if isinstance(item, str | Path):
+            specs += [w.spec(tgt) for w in load_workloads(item)[0]]
+        else:
+            specs.append(item.spec(tgt) if isinstance(item, Workload) else item)
+    threads = threads or torch.get_num_threads()
+    set_num_threads(threads)
+    peak = measure_peak(threads)
+    report = BenchReport(target_key(tgt), get_num_threads(), repeat, peak[0], peak[1])
+    for spec in dict.fromkeys(specs):
+        report.rows.append(bench_spec(spec, tgt, repeat, warmup, peak))
+    return report
