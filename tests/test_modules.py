@@ -130,7 +130,15 @@ def test_convert_small_cnn_gives_the_same_logits() -> None:
     model = SmallCNN().eval()
     converted = tl.convert(model)
     replaced = [m for m in converted.modules() if type(m).__module__.startswith("tvmlayers.")]
-    assert len(replaced) == 8  # 3 Conv2d, 2 ReLU, 2 MaxPool2d, 1 Linear
+    # conv+relu pairs are fused: 2 ConvReLU2d, then 1 Conv2d, 2 MaxPool2d, 1 Linear
+    assert sorted(type(m).__name__ for m in replaced) == [
+        "Conv2d",
+        "ConvReLU2d",
+        "ConvReLU2d",
+        "Linear",
+        "MaxPool2d",
+        "MaxPool2d",
+    ]
     assert not any(type(m).__module__.startswith("tvmlayers.") for m in model.modules()), "original untouched"
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -147,3 +155,46 @@ def test_convert_inplace_and_subclasses() -> None:
     assert result is model
     assert type(model[0]) is MyConv, "a subclass may change forward: it is left alone"
     assert isinstance(model[1], tl.ReLU)
+
+
+def test_convert_fuses_conv_and_linear_with_the_following_relu() -> None:
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
+    ).eval()
+    fused = tl.convert(model)
+    assert [type(m).__name__ for m in fused] == [
+        "ConvReLU2d",
+        "Identity",
+        "MaxPool2d",
+        "ConvReLU2d",
+        "Identity",
+        "Flatten",
+        "LinearReLU",
+        "Identity",
+        "Linear",
+    ]
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_matches_torch(fused(x), model(x))
+        assert_matches_torch(tl.convert(model, fuse=False)(x), model(x))
+    assert all(k.spec.get("relu") for k in fused[0].kernels.values())
+    assert [type(m).__name__ for m in tl.convert(model, fuse=False)][:2] == ["Conv2d", "ReLU"]
+
+
+def test_fused_functional_matches_torch() -> None:
+    torch.manual_seed(6)
+    x, w, b = torch.randn(1, 8, 9, 9), torch.randn(32, 8, 3, 3), torch.randn(32)
+    expected = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
+    assert_matches_torch(tl.functional.conv2d(x, w, b, padding=1, fuse_relu=True), expected)
+    x, w = torch.randn(5, 24), torch.randn(40, 24)
+    assert_matches_torch(tl.functional.linear(x, w, fuse_relu=True), torch.relu(x @ w.T))

@@ -149,21 +149,20 @@ class BenchReport:
 
 
 def _label(spec: KernelSpec) -> str:
-    """A short name of a layer call, e.g. ``conv2d 1x64x56x56 64->64 k3x3 s1 p1``."""
+    """A short name of a layer call, e.g. ``conv2d+relu 1x64x56x56 64->64 k3x3 s1 p1``."""
     p = dict(spec.params)
     shape = "x".join(map(str, spec.input_shape))
+    op = spec.op + ("+relu" if p.get("relu") else "")
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = p["weight_shape"]
         groups = f" g{p['groups']}" if p["groups"] != 1 else ""
-        return (
-            f"conv2d {shape} {in_per_group * p['groups']}->{out_channels} k{kh}x{kw} s{p['stride'][0]} "
-            f"p{p['padding'][0]}{groups}"
-        )
+        channels = f"{in_per_group * p['groups']}->{out_channels}"
+        return f"{op} {shape} {channels} k{kh}x{kw} s{p['stride'][0]} p{p['padding'][0]}{groups}"
     if spec.op == "max_pool2d":
-        return f"max_pool2d {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}"
+        return f"{op} {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}"
     if spec.op == "linear":
-        return f"linear {shape} ->{p['weight_shape'][0]}"
-    return f"relu {shape}"
+        return f"{op} {shape} ->{p['weight_shape'][0]}"
+    return f"{op} {shape}"
 
 
 def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
@@ -184,6 +183,7 @@ def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Calla
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(spec.input_shape, generator=generator, dtype=dtype)
     p = dict(spec.params)
+    fused = bool(p.get("relu", False))
     if spec.op == "conv2d":
         w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
         b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
@@ -194,22 +194,26 @@ def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Calla
         mode = p["padding_mode"]
         pads = (left, right, top, bottom)
         torch_mode = {"zeros": "constant"}.get(mode, mode)
-        return (
-            lambda: tf.conv2d(x, w, b, *args, padding_mode=mode, target=target),
-            lambda: (
-                F.conv2d(F.pad(x, pads, mode=torch_mode), w, b, p["stride"], 0, p["dilation"], p["groups"])
-                if mode != "zeros"
-                else F.conv2d(x, w, b, *args)
-            ),
-            x,
-        )
+
+        def torch_conv() -> torch.Tensor:
+            if mode != "zeros":
+                out = F.conv2d(F.pad(x, pads, mode=torch_mode), w, b, p["stride"], 0, p["dilation"], p["groups"])
+            else:
+                out = F.conv2d(x, w, b, *args)
+            return F.relu(out) if fused else out  # torch's conv then relu: what a fused kernel replaces
+
+        return lambda: tf.conv2d(x, w, b, *args, padding_mode=mode, fuse_relu=fused, target=target), torch_conv, x
     if spec.op == "max_pool2d":
         args = (p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], p["return_indices"])
         return lambda: tf.max_pool2d(x, *args, target=target), lambda: F.max_pool2d(x, *args), x
     if spec.op == "linear":
         w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
         b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
-        return lambda: tf.linear(x, w, b, target=target), lambda: F.linear(x, w, b), x
+        return (
+            lambda: tf.linear(x, w, b, fuse_relu=fused, target=target),
+            lambda: F.relu(F.linear(x, w, b)) if fused else F.linear(x, w, b),
+            x,
+        )
     return lambda: tf.relu(x, target=target), lambda: F.relu(x), x
 
 

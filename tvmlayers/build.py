@@ -91,7 +91,15 @@ def _warn_untuned(spec: KernelSpec, cache_root: Path) -> None:
 def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     """The compiled kernel of ``spec``: from this process's memo, else the disk cache, else a fresh build."""
     # the memo is keyed by what decides the cache directory, without building Paths on the hot path
-    memo_key = (spec, cache_dir, os.environ.get("TVMLAYERS_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"))
+    environ = os.environ
+    memo_key = (
+        spec,
+        cache_dir,
+        environ.get("TVMLAYERS_CACHE_DIR"),
+        environ.get("XDG_CACHE_HOME"),
+        environ.get("TVMLAYERS_TUNING_LOGS"),
+        environ.get("TVMLAYERS_TUNED"),
+    )
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel

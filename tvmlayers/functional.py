@@ -116,13 +116,17 @@ def conv2d(
     groups: int = 1,
     *,
     padding_mode: str = "zeros",
+    fuse_relu: bool = False,
     target: TargetLike = None,
 ) -> torch.Tensor:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``; input (N, C_in, H, W) or (C_in, H, W).
 
-    ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does.
+    ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does;
+    ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel.
     """
-    return conv2d_with_kernel(input, weight, bias, stride, padding, dilation, groups, padding_mode, target)[0]
+    return conv2d_with_kernel(input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu)[
+        0
+    ]
 
 
 def conv2d_with_kernel(
@@ -135,18 +139,27 @@ def conv2d_with_kernel(
     groups: int,
     padding_mode: str,
     target: TargetLike,
+    fuse_relu: bool = False,
 ) -> tuple[torch.Tensor, Kernel | None]:
-    """``conv2d`` and the kernel that computed it (None when nothing ran)."""
+    """``conv2d`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
+    (None when nothing ran)."""
     facts = _facts("conv2d", target, input=input, weight=weight, bias=bias)
-    plan = _conv2d_plan(*facts, _hashable(stride), _hashable(padding), _hashable(dilation), groups, padding_mode)
+    plan = _conv2d_plan(
+        *facts, _hashable(stride), _hashable(padding), _hashable(dilation), groups, padding_mode, bool(fuse_relu)
+    )
     if plan.kernel is None:
         return input.new_empty(plan.out_shape), None
+    return _run_with_weight(plan, input, weight, bias), plan.kernel
+
+
+def _run_with_weight(plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version."""
     (out,) = _outputs(plan.kernel, [input.dtype])
     args = [_kernel_input(input, plan.kernel), packed_weight(weight, plan.kernel.weight_block)]
     if bias is not None:
         args.append(bias.detach().contiguous())
     plan.kernel(*args, out)
-    return out.view(plan.out_shape), plan.kernel
+    return out.view(plan.out_shape)
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
@@ -215,33 +228,38 @@ def max_pool2d_with_kernel(
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _linear_plan(shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target) -> _Plan:
+def _linear_plan(shapes_: tuple, dtypes: tuple, devices: tuple, target: tvm.target.Target, relu: bool) -> _Plan:
     dtype = _check_types("linear", dtypes, devices, target)
-    return _plan(*layer_specs.linear_spec(*shapes_, dtype, target))
+    return _plan(*layer_specs.linear_spec(*shapes_, dtype, target, relu))
 
 
 def linear(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, target: TargetLike = None
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    fuse_relu: bool = False,
+    target: TargetLike = None,
 ) -> torch.Tensor:
-    """y = x W^T + b, as ``torch.nn.functional.linear``; input (*, in_features), weight (out, in)."""
-    return linear_with_kernel(input, weight, bias, target)[0]
+    """y = x W^T + b, as ``torch.nn.functional.linear``; input (*, in_features), weight (out, in).
+
+    ``fuse_relu=True`` computes ``relu(linear(...))`` in one kernel.
+    """
+    return linear_with_kernel(input, weight, bias, target, fuse_relu)[0]
 
 
 def linear_with_kernel(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: TargetLike
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: TargetLike, fuse_relu: bool = False
 ) -> tuple[torch.Tensor, Kernel | None]:
-    """``linear`` and the kernel that computed it (None when nothing ran)."""
-    plan = _linear_plan(*_facts("linear", target, input=input, weight=weight, bias=bias))
+    """``linear`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
+    (None when nothing ran)."""
+    plan = _linear_plan(*_facts("linear", target, input=input, weight=weight, bias=bias), bool(fuse_relu))
     if plan.kernel is None:
         # an empty product: torch's result is empty, or just the (broadcast) bias
         out = input.new_zeros(plan.out_shape)
-        return (out + bias.detach() if bias is not None else out), None
-    (out,) = _outputs(plan.kernel, [input.dtype])
-    args = [_kernel_input(input, plan.kernel), packed_weight(weight, plan.kernel.weight_block)]
-    if bias is not None:
-        args.append(bias.detach().contiguous())
-    plan.kernel(*args, out)  # the kernel sees (rows, in_features): the same memory, viewed 2-D
-    return out.view(plan.out_shape), plan.kernel
+        out = out + bias.detach() if bias is not None else out
+        return (torch.relu(out) if fuse_relu else out), None
+    return _run_with_weight(plan, input, weight, bias), plan.kernel
 
 
 # ------------------------------------------------------------------------------------------------ relu

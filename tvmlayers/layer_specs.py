@@ -17,6 +17,11 @@ from .spec import KernelSpec
 Shape = tuple[int, ...]
 
 
+def _fused(relu: bool) -> dict:
+    # only fused specs carry the flag: the specs (and tuning workloads) of plain layers stay as they were
+    return {"relu": True} if relu else {}
+
+
 def conv2d_spec(
     in_shape: Shape,
     w_shape: Shape,
@@ -28,6 +33,7 @@ def conv2d_spec(
     dilation: object,
     groups: object,
     padding_mode: str,
+    relu: bool = False,
 ) -> tuple[KernelSpec | None, Shape]:
     """torch.nn.functional.conv2d's checks and output shape; the spec is None for an empty batch."""
     if len(in_shape) not in (3, 4):
@@ -90,6 +96,7 @@ def conv2d_spec(
         padding_mode=padding_mode if any(pads) else "zeros",
         bias=b_shape is not None,
         weight_shape=w_shape,
+        **_fused(relu),
     )
     return spec, out_shape
 
@@ -133,7 +140,7 @@ def max_pool2d_spec(
 
 
 def linear_spec(
-    in_shape: Shape, w_shape: Shape, b_shape: Shape | None, dtype: str, target: tvm.target.Target
+    in_shape: Shape, w_shape: Shape, b_shape: Shape | None, dtype: str, target: tvm.target.Target, relu: bool = False
 ) -> tuple[KernelSpec | None, Shape]:
     """torch.nn.functional.linear's checks and output shape; the spec is None for an empty product."""
     if len(in_shape) < 1 or len(w_shape) < 1:
@@ -157,7 +164,9 @@ def linear_spec(
         )
     if rows == 0 or in_features == 0 or out_features == 0:
         return None, out_shape
-    spec = KernelSpec.make("linear", (rows, in_features), dtype, target, bias=b_shape is not None, weight_shape=w_shape)
+    spec = KernelSpec.make(
+        "linear", (rows, in_features), dtype, target, bias=b_shape is not None, weight_shape=w_shape, **_fused(relu)
+    )
     return spec, out_shape
 
 

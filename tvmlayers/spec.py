@@ -50,6 +50,9 @@ class KernelSpec:
     def __getitem__(self, name: str) -> Any:
         return dict(self.params)[name]
 
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
     @cached_property
     def target(self) -> tvm.target.Target:
         return tvm.target.Target(json.loads(self.target_str))

@@ -15,6 +15,13 @@ _TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def _reference(spec: KernelSpec, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> list:
+    outputs = _unfused_reference(spec, x, weight, bias)
+    return [F.relu(outputs[0])] if spec.get("relu", False) else outputs
+
+
+def _unfused_reference(
+    spec: KernelSpec, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> list:
     p = dict(spec.params)
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]

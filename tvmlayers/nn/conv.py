@@ -46,6 +46,8 @@ class Conv2d(CompiledLayer):
         >>> output = m(torch.randn(20, 16, 50, 100))
     """
 
+    _fuse_relu = False  # ConvReLU2d: the relu that follows runs in the same kernel
+
     __constants__ = [
         "stride",
         "padding",
@@ -116,6 +118,7 @@ class Conv2d(CompiledLayer):
             self.groups,
             padding_mode=self.padding_mode,
             target=self.target,
+            fuse_relu=self._fuse_relu,
         )
         self._remember(input, kernel)
         return out

@@ -34,6 +34,8 @@ class Linear(CompiledLayer):
         torch.Size([128, 30])
     """
 
+    _fuse_relu = False  # LinearReLU: the relu that follows runs in the same kernel
+
     __constants__ = ["in_features", "out_features"]
 
     def __init__(
@@ -72,7 +74,7 @@ class Linear(CompiledLayer):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out, kernel = F.linear_with_kernel(input, self.weight, self.bias, target=self.target)
+        out, kernel = F.linear_with_kernel(input, self.weight, self.bias, self.target, self._fuse_relu)
         self._remember(input, kernel)
         return out
 

@@ -41,6 +41,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
             spec["groups"],
             spec["padding_mode"],
             out_hw,
+            relu=spec.get("relu", False),
         )
         return [data, weight] + ([bias] if bias is not None else []), [out]
     if spec.op == "max_pool2d":
@@ -52,7 +53,9 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
         block = layout["weight_block"]
         weight = te.placeholder((out_features // block, in_features, block), dtype, name="weight")
         bias = te.placeholder((out_features,), dtype, name="bias") if spec["bias"] else None
-        return [data, weight] + ([bias] if bias is not None else []), [linear_compute(data, weight, bias)]
+        return [data, weight] + ([bias] if bias is not None else []), [
+            linear_compute(data, weight, bias, relu=spec.get("relu", False))
+        ]
     if spec.op == "relu":
         return [data], [relu_compute(data)]
     raise ValueError(f"unknown op {spec.op!r}")

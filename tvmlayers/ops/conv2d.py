@@ -10,6 +10,7 @@ from __future__ import annotations
 from tvm import te
 
 from .pad import pad2d_compute
+from .relu import relu_value
 
 
 def conv2d_compute(
@@ -22,6 +23,7 @@ def conv2d_compute(
     groups: int,
     padding_mode: str,
     out_hw: tuple[int, int],
+    relu: bool = False,
 ) -> te.Tensor:
     """out[n, o, y, x] = bias[o] + sum_{c, i, j} pad(data)[n, g(o)*Cg + c, y*sh + i*dh, x*sw + j*dw] * w[o, c, i, j]."""
     n = int(data.shape[0])
@@ -46,6 +48,7 @@ def conv2d_compute(
 
     def unblock(b, o, y, x):
         value = conv[b, o // block, y, x, o % block]
-        return value + bias[o] if bias is not None else value
+        value = value + bias[o] if bias is not None else value
+        return relu_value(value, data.dtype) if relu else value  # fused: no second pass over the output
 
     return te.compute((n, out_channels, out_hw[0], out_hw[1]), unblock, name="conv2d")

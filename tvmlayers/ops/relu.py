@@ -5,7 +5,12 @@ from __future__ import annotations
 from tvm import te, tirx
 
 
-def relu_compute(data: te.Tensor) -> te.Tensor:
-    zero = tirx.const(0, data.dtype)
+def relu_value(value: tirx.Expr, dtype: str) -> tirx.Expr:
+    """max(0, x) as torch computes it (also the fused epilogue of conv2d and linear)."""
+    zero = tirx.const(0, dtype)
     # Select, not max(): max lowers to maxnum, which turns NaN into 0; torch keeps the NaN.
-    return te.compute(data.shape, lambda i: tirx.Select(data[i] < zero, zero, data[i]), name="relu")
+    return tirx.Select(value < zero, zero, value)
+
+
+def relu_compute(data: te.Tensor) -> te.Tensor:
+    return te.compute(data.shape, lambda i: relu_value(data[i], data.dtype), name="relu")

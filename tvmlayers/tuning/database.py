@@ -62,7 +62,12 @@ def tune_log_root(log_dir: str | Path | None = None) -> Path:
 
 
 def log_roots(log_dir: str | Path | None = None) -> list[Path]:
-    """Where lookups search, first match wins: the user's logs, then the shipped ones."""
+    """Where lookups search, first match wins: the user's logs, then the shipped ones.
+
+    ``TVMLAYERS_TUNED=0`` turns lookups off: every kernel uses its default schedule (to compare).
+    """
+    if os.environ.get("TVMLAYERS_TUNED") == "0":
+        return []
     return list(dict.fromkeys(r.resolve() for r in (tune_log_root(log_dir), shipped_log_root())))
 
 

@@ -44,6 +44,7 @@ def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Tar
             module.dilation,
             module.groups,
             module.padding_mode,
+            getattr(module, "_fuse_relu", False),
         )
     elif kind == "max_pool2d":
         spec, _ = layer_specs.max_pool2d_spec(
@@ -58,7 +59,9 @@ def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Tar
             module.return_indices,
         )
     elif kind == "linear":
-        spec, _ = layer_specs.linear_spec(shape, tuple(module.weight.shape), bias, dtype, target)
+        spec, _ = layer_specs.linear_spec(
+            shape, tuple(module.weight.shape), bias, dtype, target, getattr(module, "_fuse_relu", False)
+        )
     else:
         spec, _ = layer_specs.relu_spec(shape, dtype, target)
     return spec
