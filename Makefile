@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python examples/bench_defaults.py
+	$(VENV)/bin/tvmlayers bench examples/workloads/resnet18.toml --markdown bench.md --plot bench.png
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import torch
 
+import tvmlayers as tl
 from tvmlayers.tuning.extract import extract_workloads
 from tvmlayers.tuning.workloads import save_workloads
 
 HERE = Path(__file__).resolve().parent
 
-# model file -> ops kept in its workload file (the tuning targets of the benchmark)
+# model file -> (ops kept in its workload file, record the tvmlayers.convert-ed model: fused conv+relu)
 MODELS = {
-    "resnet18": ("conv2d", "max_pool2d", "linear"),
-    "mobilenetv2": ("conv2d",),
-    "vgg_block": ("conv2d", "max_pool2d", "relu"),
-    "bert_ffn": ("linear",),
-    "small_cnn": ("conv2d", "max_pool2d", "linear", "relu"),
+    "resnet18": (("conv2d", "max_pool2d", "linear"), False),
+    "mobilenetv2": (("conv2d",), False),
+    "vgg_block": (("conv2d", "max_pool2d", "relu"), True),
+    "bert_ffn": (("linear",), False),
+    "small_cnn": (("conv2d", "max_pool2d", "linear", "relu"), False),
 }
 
 
@@ -33,10 +34,11 @@ def load_model_file(path: Path):
 
 
 def main() -> None:
-    for name, ops in MODELS.items():
+    for name, (ops, fused) in MODELS.items():
         module = load_model_file(HERE / "models" / f"{name}.py")
         torch.manual_seed(0)
-        workloads = extract_workloads(module.model(), torch.randn(module.INPUT_SHAPE))
+        model = tl.convert(module.model()) if fused else module.model()
+        workloads = extract_workloads(model, torch.randn(module.INPUT_SHAPE))
         workloads = [w for w in workloads if w.op in ops]
         save_workloads(workloads, HERE / "workloads" / f"{name}.toml", name=name)
         print(f"{name}: {len(workloads)} workloads")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tvmlayers.bench import BenchReport, bench, bench_spec
+from tvmlayers.benchmark import BenchReport, bench, bench_spec
 from tvmlayers.cli import main
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target

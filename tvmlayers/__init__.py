@@ -19,6 +19,7 @@ _LAZY = {
     "load_workloads": "tvmlayers.tuning.workloads",
     "save_workloads": "tvmlayers.tuning.workloads",
     "Workload": "tvmlayers.tuning.workloads",
+    "bench": "tvmlayers.benchmark",
 }
 
 

@@ -137,7 +137,7 @@ def _logs_merge(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench  # noqa: PLC0415
+    from .benchmark import bench  # noqa: PLC0415
 
     files = list(args.workloads)
     if args.suite:
