@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.nn import Parameter, init
 
 from ..kernel import Kernel
 from ..targets import TargetLike
@@ -17,6 +20,27 @@ class CompiledLayer(torch.nn.Module):
         self.target = target
         # input shape -> the compiled kernel that ran it, with its spec and schedule provenance
         self.kernels: dict[tuple[int, ...], Kernel] = {}
+
+    def _init_parameters(
+        self, weight_shape: tuple[int, ...], bias: bool, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
+        """``weight`` and optional ``bias`` (one per output channel/feature) as torch creates them."""
+        factory = {"device": device, "dtype": dtype}
+        self.weight = Parameter(torch.empty(weight_shape, **factory))
+        if bias:
+            self.bias = Parameter(torch.empty(weight_shape[0], **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's initialization of Conv2d and Linear, call for call, so that a seed gives torch's weights:
+        kaiming_uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound)
 
     def _remember(self, input: torch.Tensor, kernel: Kernel | None) -> None:
         if kernel is not None:

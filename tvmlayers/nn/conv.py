@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.nn import Parameter, init
 
 from .. import functional as F
 from ..ops import shapes
@@ -90,22 +87,7 @@ class Conv2d(CompiledLayer):
         self.groups = groups
         self.padding_mode = padding_mode
         self._init_compiled(target)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = Parameter(torch.empty((out_channels, in_channels // groups, *kernel_size_), **factory))
-        if bias:
-            self.bias = Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # torch's initialization, call for call, so that the same seed gives the same weights as torch
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in != 0:
-                bound = 1 / math.sqrt(fan_in)
-                init.uniform_(self.bias, -bound, bound)
+        self._init_parameters((out_channels, in_channels // groups, *kernel_size_), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out, kernel = F.conv2d_with_kernel(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.nn import Parameter, init
 
 from .. import functional as F
 from ..targets import TargetLike
@@ -57,21 +54,7 @@ class Linear(CompiledLayer):
         self.in_features = in_features
         self.out_features = out_features
         self._init_compiled(target)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # torch's initialization, call for call (kaiming_uniform with a=sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)))
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            init.uniform_(self.bias, -bound, bound)
+        self._init_parameters((out_features, in_features), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out, kernel = F.linear_with_kernel(input, self.weight, self.bias, self.target, self._fuse_relu)
