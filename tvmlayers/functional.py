@@ -36,21 +36,32 @@ class _Plan(NamedTuple):
     out_shape: tuple[int, ...]  # of the first output, in the caller's (unbatched or batched) rank
 
 
-def _facts(op: str, target: TargetLike, **tensors: torch.Tensor | None) -> tuple:
+_ARGUMENT_NAMES = {
+    "conv2d": ("input", "weight", "bias"),
+    "max_pool2d": ("input",),
+    "linear": ("input", "weight", "bias"),
+    "relu": ("input",),
+}
+
+
+def _facts(op: str, target: TargetLike, *tensors: torch.Tensor | None) -> tuple:
     """The hashable facts a plan needs: per tensor its shape (None if absent), then dtypes, devices,
-    and the resolved target.  Raises torch's TypeError for a non-tensor argument."""
-    for position, (name, value) in enumerate(tensors.items(), start=1):
-        if value is not None and not isinstance(value, torch.Tensor):
+    and the resolved target.  Raises torch's TypeError for a non-tensor argument.  This runs on every
+    call, so it stays a single plain loop."""
+    shapes, dtypes, devices = [], [], []
+    for position, tensor in enumerate(tensors):
+        if tensor is None:
+            shapes.append(None)
+        elif isinstance(tensor, torch.Tensor):
+            shapes.append(tensor.shape)  # torch.Size is a tuple: hashable, compares equal to tuples
+            dtypes.append(tensor.dtype)
+            devices.append(tensor.device)
+        else:
+            name = _ARGUMENT_NAMES[op][position]
             raise TypeError(
-                f"{op}(): argument '{name}' (position {position}) must be Tensor, not {type(value).__name__}"
+                f"{op}(): argument '{name}' (position {position + 1}) must be Tensor, not {type(tensor).__name__}"
             )
-    present = [t for t in tensors.values() if t is not None]
-    return (
-        tuple(None if t is None else tuple(t.shape) for t in tensors.values()),
-        tuple(t.dtype for t in present),
-        tuple(t.device for t in present),
-        resolve_target(target),
-    )
+    return tuple(shapes), tuple(dtypes), tuple(devices), resolve_target(target)
 
 
 def _check_types(op: str, dtypes: tuple, devices: tuple, target: tvm.target.Target) -> str:
@@ -143,7 +154,7 @@ def conv2d_with_kernel(
 ) -> tuple[torch.Tensor, Kernel | None]:
     """``conv2d`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
     (None when nothing ran)."""
-    facts = _facts("conv2d", target, input=input, weight=weight, bias=bias)
+    facts = _facts("conv2d", target, input, weight, bias)
     plan = _conv2d_plan(
         *facts, _hashable(stride), _hashable(padding), _hashable(dilation), groups, padding_mode, bool(fuse_relu)
     )
@@ -205,7 +216,7 @@ def max_pool2d_with_kernel(
     target: TargetLike,
 ) -> tuple[list[torch.Tensor], Kernel | None]:
     """[values] or [values, indices], and the kernel that computed them (None when nothing ran)."""
-    facts = _facts("max_pool2d", target, input=input)
+    facts = _facts("max_pool2d", target, input)
     plan = _max_pool2d_plan(
         *facts,
         _hashable(kernel_size),
@@ -253,7 +264,7 @@ def linear_with_kernel(
 ) -> tuple[torch.Tensor, Kernel | None]:
     """``linear`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
     (None when nothing ran)."""
-    plan = _linear_plan(*_facts("linear", target, input=input, weight=weight, bias=bias), bool(fuse_relu))
+    plan = _linear_plan(*_facts("linear", target, input, weight, bias), bool(fuse_relu))
     if plan.kernel is None:
         # an empty product: torch's result is empty, or just the (broadcast) bias
         out = input.new_zeros(plan.out_shape)
@@ -278,7 +289,7 @@ def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = Non
 
 def relu_with_kernel(input: torch.Tensor, inplace: bool, target: TargetLike) -> tuple[torch.Tensor, Kernel | None]:
     """``relu`` and the kernel that computed it (None when nothing ran)."""
-    kernel = _relu_plan(*_facts("relu", target, input=input)).kernel
+    kernel = _relu_plan(*_facts("relu", target, input)).kernel
     if kernel is None:
         return (input if inplace else input.clone()), None
     source = input.detach()
@@ -287,7 +298,8 @@ def relu_with_kernel(input: torch.Tensor, inplace: bool, target: TargetLike) -> 
         kernel(flat, flat)  # elementwise, each element read before it is written: aliasing is safe
         return input, kernel
     result = torch.empty(input.shape, dtype=input.dtype)
-    kernel(_kernel_input(source, kernel), result.view(-1))
+    flat = source.view(-1) if source.is_contiguous() else _kernel_input(source, kernel)
+    kernel(flat, result.view(-1))
     if inplace:
         source.copy_(result)
         return input, kernel
