@@ -21,12 +21,12 @@ import torch.nn.functional as F
 import tvm
 
 from . import functional as tf
+from .formats import REPORT_FORMAT
+from .ops import SYMBOL
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
 from .tuning.workloads import Workload, load_workloads
-
-REPORT_FORMAT = 1
 
 
 @dataclass
@@ -283,9 +283,7 @@ def bench_spec(
     row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
     row.speedup = row.torch_ms / row.ours_ms
     args = _kernel_args(spec, kernel, x)
-    timer = kernel.module.time_evaluator(
-        kernel.module.entry_name if False else "tvmlayers_kernel", tvm.cpu(), number=10, repeat=max(3, repeat // 10)
-    )
+    timer = kernel.module.time_evaluator(SYMBOL, tvm.cpu(), number=10, repeat=max(3, repeat // 10))
     row.kernel_ms = float(statistics.median(timer(*args).results)) * 1e3
     work, row.unit = _work(spec, tuple(want.shape))
     row.rate = work / (row.ours_ms / 1e3) / 1e9

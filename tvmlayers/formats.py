@@ -21,6 +21,24 @@ old binary.  ``manifest.json`` holds::
 
 An entry whose manifest is missing, unparsable, of another format, or whose ``kernel.so`` does not
 match ``so_size``/``so_sha256`` is treated as corrupt: it is removed and rebuilt, never loaded.
+
+Tuning logs (``TUNING_LOG_VERSION``), one MetaSchedule JSON database per target::
+
+    <log root>/<target key>/              target key: tvmlayers.targets.target_key
+        database_workload.json            MetaSchedule's: one line per workload [structural hash, module]
+        database_tuning_record.json       MetaSchedule's: one line per measured candidate
+                                          [workload line index, [trace, run seconds, target, arg info]]
+        tvmlayers.json                    {"format", "tvm_version", "target", "workloads": {hash: spec JSON},
+                                           "rejected": {record id: reason}, "baselines": {hash: true},
+                                           "trials": {hash: count} (kept by merges)}
+
+A record id is the first 20 hex digits of the SHA-256 of ``canonical_json([workload hash, trace])``; the
+kernel key of a tuned kernel has ``"schedule": {"source": "tuned", "record": <id>, "code": ...}``.
+
+Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning.workloads`.
+Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport`.
+Environment: ``TVMLAYERS_CACHE_DIR`` (kernel cache), ``TVMLAYERS_TUNING_LOGS`` (user tuning logs),
+``TVMLAYERS_TUNED=0`` (ignore tuning logs), ``TVM_NUM_THREADS`` (kernel threads).
 """
 
 from __future__ import annotations
@@ -31,6 +49,9 @@ from typing import Any
 
 KERNEL_KEY_VERSION = 1
 KERNEL_CACHE_VERSION = 1
+TUNING_LOG_VERSION = 1
+WORKLOAD_FORMAT = 1
+REPORT_FORMAT = 1
 
 
 def canonical_json(obj: Any) -> str:

@@ -33,11 +33,10 @@ import tvm
 import tvm_ffi
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-from ..formats import canonical_json
+from ..formats import TUNING_LOG_VERSION, canonical_json
 from ..spec import KernelSpec
 from ..targets import target_json, target_key
 
-TUNING_LOG_VERSION = 1
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "tvmlayers.json"

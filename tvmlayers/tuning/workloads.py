@@ -33,10 +33,9 @@ from typing import Any
 
 import tvm
 
+from ..formats import WORKLOAD_FORMAT
 from ..spec import KernelSpec
 from ..targets import resolve_target
-
-WORKLOAD_FORMAT = 1
 
 
 @dataclass(frozen=True)
