@@ -16,7 +16,7 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
 
 class Progress:
-    def __init__(self, names: list[str], total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, names: list[str], total: int, stream: TextIO | None = None, quiet: bool = False) -> None:
         self.names = names
         self.total = max(total, 1)
         self.done = 0
@@ -26,6 +26,7 @@ class Progress:
         self.start = time.monotonic()
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.quiet = quiet  # count, but print nothing
 
     def update(self, task: int, seconds: list[float | None], errors: list[str]) -> None:
         self.done += len(seconds)
@@ -38,6 +39,8 @@ class Progress:
         self._show(task)
 
     def _show(self, task: int) -> None:
+        if self.quiet:
+            return
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * max(self.total - self.done, 0) if self.done else 0.0
         best = self.best[task]
@@ -55,7 +58,7 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             self.stream.write("\n")
             self.stream.flush()
 

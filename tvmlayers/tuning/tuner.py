@@ -236,10 +236,8 @@ def _run(
     database = ms.database.JSONDatabase(
         path_workload=str(log.directory / WORKLOAD_FILE), path_tuning_record=str(log.directory / RECORD_FILE)
     )
-    progress = Progress([t.name for t in tasks], sum(remaining), stream=None)
-    callbacks = ms.measure_callback.MeasureCallback.create("default")
-    if show_progress:
-        callbacks = [*callbacks, ProgressCallback(progress)]
+    progress = Progress([t.name for t in tasks], sum(remaining), quiet=not show_progress)
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), ProgressCallback(progress)]
     builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin)
     before = sum(len(log.records(t.hash)) for t in tasks)
     with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir:
@@ -260,8 +258,9 @@ def _run(
         finally:
             progress.close()
     measured = sum(len(log.records(t.hash)) for t in tasks) - before
-    if measured == 0:
-        # the worst failure of a tuner is to report success having measured nothing
+    if progress.done and measured == 0:
+        # the worst failure of a tuner is to report success having measured nothing; no candidate at all
+        # only means the search spaces hold nothing that was not measured before
         raise RuntimeError(
             f"tuning measured no candidate successfully; first error: {progress.first_error or 'unknown'}"
         )
