@@ -221,20 +221,25 @@ def _first(value: torch.Tensor | tuple) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
-def _interleaved(a: Callable, b: Callable, repeat: int, warmup: int) -> tuple[list[float], list[float]]:
+def _interleaved(a: Callable, b: Callable, repeat: int, warmup: int, block: int = 5) -> tuple[list, list]:
+    """Time ``a`` and ``b`` alternately, ``block`` calls at a time, ``repeat`` calls each in all.
+
+    Each block starts with one untimed call: TVM's thread pool and torch's OpenMP threads both spin for a
+    while after their work, so the first call after a switch pays for the other library's spinning
+    threads (a real cost in models that mix the two, reported separately by the user-path/kernel gap).
+    """
     for _ in range(warmup):
         a()
         b()
-    times_a, times_b = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a()
-        middle = time.perf_counter()
-        b()
-        end = time.perf_counter()
-        times_a.append(middle - start)
-        times_b.append(end - middle)
-    return times_a, times_b
+    times: tuple[list[float], list[float]] = ([], [])
+    while len(times[1]) < repeat:
+        for fn, out in zip((a, b), times, strict=True):
+            fn()
+            for _ in range(min(block, repeat - len(out))):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
+    return times
 
 
 def _median_and_spread(times: list[float]) -> tuple[float, float]:
