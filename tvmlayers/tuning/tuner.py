@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
@@ -127,7 +128,13 @@ def _measure_default(task: _Task, target: tvm.target.Target) -> tuple[tvm.s_tir.
     sch, _ = schedules.default_schedule(task.func, target)
     module = tvm.compile(sch.mod, target=target).jit()
     device = tvm.cpu()
-    args = [tvm.runtime.empty([int(d) for d in p.shape], str(p.dtype), device) for p in task.func.params]
+    # random data, as MetaSchedule's runner uses: uninitialized memory can hold denormals, which make
+    # floating-point arithmetic many times slower and the baseline look far worse than it is
+    rng = np.random.default_rng(0)
+    args = [
+        tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)), device)
+        for p in task.func.params
+    ]
     config = ms.runner.EvaluatorConfig()
     timer = module.time_evaluator(
         ops.SYMBOL, device, number=config.number, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms
