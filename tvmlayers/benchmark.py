@@ -134,7 +134,7 @@ class BenchReport:
 
         rows = [r for r in self.rows if r.speedup]
         fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
-        labels = [f"{r.op} {'x'.join(map(str, r.input_shape))}" for r in rows]
+        labels = [r.layer for r in rows]
         colors = ["tab:green" if r.speedup >= 1 else "tab:red" for r in rows]
         ax.barh(range(len(rows)), [r.speedup for r in rows], color=colors)
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
