@@ -309,3 +309,12 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
             if process is not None:
                 process.terminate()
                 process.wait(timeout=30)
+
+
+def test_best_record_follows_the_retimed_times(tuned_log: Path) -> None:
+    log = _log(tuned_log)
+    meta = json.loads((log.directory / "tvmlayers.json").read_text())
+    retimed = meta["retimed"][_hash(CONV)]
+    baseline = meta["baselines"][_hash(CONV)]
+    assert baseline in retimed, "the default schedule is always re-timed with the candidates"
+    assert log.best(_hash(CONV)).id == min(retimed, key=retimed.get)

@@ -75,6 +75,10 @@ def workload_hash(func: tvm.tirx.PrimFunc) -> str:
     return str(tvm_ffi.structural_hash(_normalize_mod(func)))
 
 
+def record_id(workload: str, trace: list) -> str:
+    return hashlib.sha256(canonical_json([workload, trace]).encode()).hexdigest()[:20]
+
+
 @lru_cache(maxsize=256)
 def _record_target_key(target_text: str) -> str:
     return target_key(tvm.target.Target(json.loads(target_text)))
@@ -92,7 +96,7 @@ class TuningRecord:
     @property
     def id(self) -> str:
         """Stable across copies and merges of the log: what the record is, not where it is."""
-        return hashlib.sha256(canonical_json([self.workload_hash, self.trace]).encode()).hexdigest()[:20]
+        return record_id(self.workload_hash, self.trace)
 
     def provenance(self) -> dict:
         return {
@@ -186,10 +190,18 @@ class TuningLog:
         return [r for r in self._index().records.get(workload, []) if r.target_key == self.key]
 
     def best(self, workload: str) -> TuningRecord | None:
-        """The fastest record of this target that was not rejected by a correctness check."""
-        index = self._index()
-        rejected = index.meta["rejected"]
-        return next((r for r in self.records(workload) if r.id not in rejected), None)
+        """The fastest record of this target that was not rejected by a correctness check.
+
+        Fastest as re-timed by the tuner when it did (``retimed``: the same kernels timed one after the
+        other with one protocol), else as MetaSchedule measured them while tuning.
+        """
+        meta = self._index().meta
+        usable = [r for r in self.records(workload) if r.id not in meta["rejected"]]
+        retimed = meta.get("retimed", {}).get(workload, {})
+        timed = [r for r in usable if r.id in retimed]
+        if timed:
+            return min(timed, key=lambda r: retimed[r.id])
+        return usable[0] if usable else None
 
     def trials(self, workload: str) -> int:
         """Measured candidates behind this workload's records (a merged log keeps only the best record
@@ -260,11 +272,18 @@ class TuningLog:
                 meta["workloads"][shash] = spec.to_json()
             self._write_meta(meta)
 
-    def mark_baselines(self, workloads: list[str]) -> None:
-        """Remember which workloads have their default schedule measured in the log."""
+    def mark_baselines(self, baselines: dict[str, str]) -> None:
+        """Remember the record of each workload's default schedule (workload hash -> record id)."""
         with self.locked():
             meta = self.meta()
-            meta.setdefault("baselines", {}).update(dict.fromkeys(workloads, True))
+            meta.setdefault("baselines", {}).update(baselines)
+            self._write_meta(meta)
+
+    def set_retimed(self, workload: str, seconds: dict[str, float]) -> None:
+        """Store the re-timed run time of some records of a workload (record id -> seconds)."""
+        with self.locked():
+            meta = self.meta()
+            meta.setdefault("retimed", {})[workload] = seconds
             self._write_meta(meta)
 
     def reject(self, record: TuningRecord, reason: str) -> None:
@@ -313,55 +332,62 @@ def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def merge_logs(sources: list[str | Path], destination: str | Path) -> dict[str, int]:
-    """Merge log roots into ``destination``, keeping the fastest record per workload and target.
+    """Merge log roots into ``destination``, keeping the best record per workload and target.
 
-    Returns {target key: workloads written}.  The destination's own records take part too; each target
-    directory is rewritten atomically (temporary files, then rename) under the log's lock.
+    Best in each log is what :meth:`TuningLog.best` picks (never a rejected record; re-timed times
+    first); across logs, re-timed records come before those with MetaSchedule's times only, then the
+    fastest wins.  The destination's own records take part too; each target directory is rewritten
+    atomically (temporary files, then rename) under its lock.  Returns {target key: workloads written}.
     """
     destination = Path(destination)
-    keys = sorted(
-        {
-            d.name
-            for root in [*map(Path, sources), destination]
-            if root.is_dir()
-            for d in root.iterdir()
-            if (d / RECORD_FILE).exists()
-        }
-    )
+    roots = [*map(Path, sources), destination]
+    keys = sorted({d.name for root in roots if root.is_dir() for d in root.iterdir() if (d / RECORD_FILE).exists()})
     written = {}
     for key in keys:
-        directories = [
-            Path(root) / key for root in [*sources, destination] if (Path(root) / key / RECORD_FILE).exists()
-        ]
         workloads: dict[str, str] = {}  # hash -> MetaSchedule workload line
-        best: dict[str, tuple[float, list]] = {}  # hash -> (seconds, record entry without its index)
-        meta = {"format": TUNING_LOG_VERSION, "workloads": {}, "rejected": {}, "trials": {}}
-        for directory in directories:
+        best: dict[str, tuple[float, bool, list]] = {}  # hash -> (seconds, re-timed?, record body)
+        meta = {"format": TUNING_LOG_VERSION, "workloads": {}, "rejected": {}, "trials": {}, "retimed": {}}
+        for directory in [root / key for root in roots if (root / key / RECORD_FILE).exists()]:
             lines = [e for _, e in _json_lines(directory / WORKLOAD_FILE)]
+            bodies: dict[str, list] = {}  # record id -> record body
             for _, entry in _json_lines(directory / RECORD_FILE):
                 try:
                     index, body = entry
-                    shash, seconds = lines[index][0], sum(map(float, body[1])) / len(body[1])
-                except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+                    shash = lines[index][0]
+                except (TypeError, ValueError, IndexError) as err:
                     _warn_corrupt(directory / RECORD_FILE, 0, err)
                     continue
                 workloads[shash] = json.dumps(lines[index])
                 meta["trials"][shash] = meta["trials"].get(shash, 0) + 1
-                if shash not in best or seconds < best[shash][0]:
-                    best[shash] = (seconds, body)
-            source_meta = TuningLog(directory).meta()
+                bodies[record_id(shash, body[0])] = body
+            log = TuningLog(directory)
+            source_meta = log.meta()
+            for shash in log.all_records():
+                record = log.best(shash)
+                if record is None:
+                    continue
+                retimed = source_meta.get("retimed", {}).get(shash, {})
+                seconds = retimed.get(record.id, record.seconds)
+                # re-timed records compare with each other; MetaSchedule's own times only break no tie
+                rank = (record.id not in retimed, seconds)
+                if shash not in best or rank < (not best[shash][1], best[shash][0]):
+                    best[shash] = (seconds, record.id in retimed, bodies[record.id])
             for field in ("workloads", "rejected"):
                 meta[field].update(source_meta[field])
             for shash, count in source_meta.get("trials", {}).items():
                 # a merged log remembers the trials behind its best records
                 meta["trials"][shash] = max(meta["trials"].get(shash, 0), count)
             meta.update({k: v for k, v in source_meta.items() if k in ("target", "tvm_version")})
+        order = sorted(best)
+        for shash in order:
+            seconds, retimed, body = best[shash]
+            if retimed:
+                meta["retimed"][shash] = {record_id(shash, body[0]): seconds}
         target_dir = destination / key
         target_dir.mkdir(parents=True, exist_ok=True)
-        order = sorted(best)
         staged = {
             WORKLOAD_FILE: "".join(workloads[h] + "\n" for h in order),
-            RECORD_FILE: "".join(json.dumps([i, best[h][1]]) + "\n" for i, h in enumerate(order)),
+            RECORD_FILE: "".join(json.dumps([i, best[h][2]]) + "\n" for i, h in enumerate(order)),
             META_FILE: json.dumps(meta, indent=1, sort_keys=True) + "\n",
         }
         with TuningLog(target_dir).locked():
