@@ -273,8 +273,7 @@ def bench_spec(
     from .build import kernel_for  # noqa: PLC0415 - the kernel the call above just built or loaded
 
     kernel = kernel_for(spec)
-    provenance = kernel.provenance
-    source = f"tuned {provenance['record'][:8]}" if provenance["source"] == "tuned" else provenance["rule"]
+    source = kernel.schedule
     error = (got - want).abs().max().item() if got.shape == want.shape else math.inf
     tolerance = (
         1e-3 * (1 + want.abs().max().item()) if spec.dtype == "float32" else 1e-9 * (1 + want.abs().max().item())

@@ -44,6 +44,13 @@ class Kernel:
         )
 
     @property
+    def schedule(self) -> str:
+        """Where the schedule came from, in a few words: the default rule's name or ``tuned <record>``."""
+        if self.provenance["source"] == "tuned":
+            return f"tuned {self.provenance['record'][:8]}"
+        return self.provenance["rule"]
+
+    @property
     def weight_block(self) -> int:
         return int(self.layout.get("weight_block", 1))
 
