@@ -9,6 +9,8 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
+from tvmlayers.spec import KernelSpec
+
 from .generic import GenericParallel
 from .rule import ScheduleRule, vector_lanes
 from .x86 import RULES as X86_RULES
@@ -41,15 +43,15 @@ def _block_size(channels: int, lanes: int) -> int:
     return block
 
 
-def weight_layout(op: str, params: dict, dtype: str, target: tvm.target.Target) -> dict:
+def weight_layout(spec: KernelSpec) -> dict:
     """{"weight_block": b}: the weight's output channels are stored in blocks of b (1 = torch's layout)."""
-    if op not in ("conv2d", "linear"):
+    if spec.op not in ("conv2d", "linear"):
         return {}
-    lanes = vector_lanes(target, dtype) if target.kind.name == "llvm" else 1
-    out_channels = params["weight_shape"][0]
-    if op == "conv2d":
-        in_per_group = params["weight_shape"][1]
+    target = spec.target
+    lanes = vector_lanes(target, spec.dtype) if target.kind.name == "llvm" else 1
+    out_channels, in_per_group = spec["weight_shape"][:2]
+    if spec.op == "conv2d":
         if in_per_group == 1:  # depthwise: vectorize along the output row instead
             return {"weight_block": 1}
-        out_channels //= params["groups"]
+        out_channels //= spec["groups"]
     return {"weight_block": _block_size(out_channels, lanes)}

@@ -35,11 +35,11 @@ def _conv_spec(out_channels: int, groups: int = 1, target=HOST) -> KernelSpec:
 
 def test_weight_layout_follows_the_vector_width() -> None:
     lanes = tvm.target.codegen.llvm_get_vector_width(HOST) // 32
-    assert weight_layout("conv2d", dict(_conv_spec(64).params), "float32", HOST) == {"weight_block": lanes}
-    assert weight_layout("conv2d", dict(_conv_spec(33).params), "float32", HOST) == {"weight_block": 1}
-    assert weight_layout("conv2d", dict(_conv_spec(16, groups=16).params), "float32", HOST) == {"weight_block": 1}
-    assert weight_layout("conv2d", dict(_conv_spec(64).params), "float32", AARCH64) == {"weight_block": 4}
-    assert weight_layout("relu", {}, "float32", HOST) == {}
+    assert weight_layout(_conv_spec(64)) == {"weight_block": lanes}
+    assert weight_layout(_conv_spec(33)) == {"weight_block": 1}
+    assert weight_layout(_conv_spec(16, groups=16)) == {"weight_block": 1}
+    assert weight_layout(_conv_spec(64, target=AARCH64)) == {"weight_block": 4}
+    assert weight_layout(KernelSpec.make("relu", (8,), "float32", HOST)) == {}
 
 
 @pytest.mark.parametrize("rule", [X86Conv2dBlocked(), X86Conv2dSpatial()], ids=lambda r: r.name)
@@ -83,7 +83,7 @@ def test_non_x86_cpu_gets_the_generic_rule_and_compiles() -> None:
         ),
         KernelSpec.make("relu", (100,), "float32", AARCH64),
     ]:
-        layout = weight_layout(spec.op, dict(spec.params), spec.dtype, AARCH64)
+        layout = weight_layout(spec)
         sch, rule = default_schedule(ops.prim_func(spec, layout), AARCH64)
         assert rule == "generic.parallel"
         tvm.compile(sch.mod, target=AARCH64)  # cross-compiles; running it is the ARM issue's work

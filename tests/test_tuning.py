@@ -46,7 +46,7 @@ def _log(root: Path) -> TuningLog:
 
 
 def _hash(spec: KernelSpec) -> str:
-    layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, HOST)
+    layout = schedules.weight_layout(spec)
     return workload_hash(ops.prim_func(spec, layout))
 
 

@@ -17,16 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import tvm
 
 from . import functional as tf
+from . import schedules
 from .formats import REPORT_FORMAT
 from .ops import SYMBOL
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
 from .tuning.workloads import Workload, load_workloads
+from .verify import kernel_inputs, random_inputs, torch_reference
 
 
 @dataclass
@@ -177,44 +178,25 @@ def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
     return float(itemsize * (math.prod(spec.input_shape) + math.prod(out_shape))), "GB/s"
 
 
-def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, torch.Tensor]:
-    """(tvmlayers call, torch call, input) for a workload, through the public functional API."""
-    dtype = {"float32": torch.float32, "float64": torch.float64}[spec.dtype]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(spec.input_shape, generator=generator, dtype=dtype)
+def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, list[torch.Tensor]]:
+    """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments)."""
+    x, w, b = random_inputs(spec, torch.Generator().manual_seed(0))
     p = dict(spec.params)
     fused = bool(p.get("relu", False))
     if spec.op == "conv2d":
-        w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
-        b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
         top, left, bottom, right = p["padding"]
-        args = (p["stride"], (top, left), p["dilation"], p["groups"])
-        if (top, left) != (bottom, right):  # only 'same' with an even kernel pads unevenly
-            args = (p["stride"], "same", p["dilation"], p["groups"])
-        mode = p["padding_mode"]
-        pads = (left, right, top, bottom)
-        torch_mode = {"zeros": "constant"}.get(mode, mode)
-
-        def torch_conv() -> torch.Tensor:
-            if mode != "zeros":
-                out = F.conv2d(F.pad(x, pads, mode=torch_mode), w, b, p["stride"], 0, p["dilation"], p["groups"])
-            else:
-                out = F.conv2d(x, w, b, *args)
-            return F.relu(out) if fused else out  # torch's conv then relu: what a fused kernel replaces
-
-        return lambda: tf.conv2d(x, w, b, *args, padding_mode=mode, fuse_relu=fused, target=target), torch_conv, x
-    if spec.op == "max_pool2d":
+        padding = (top, left) if (top, left) == (bottom, right) else "same"  # only 'same' pads unevenly
+        args = (p["stride"], padding, p["dilation"], p["groups"])
+        ours = lambda: tf.conv2d(x, w, b, *args, padding_mode=p["padding_mode"], fuse_relu=fused, target=target)  # noqa: E731
+    elif spec.op == "max_pool2d":
         args = (p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], p["return_indices"])
-        return lambda: tf.max_pool2d(x, *args, target=target), lambda: F.max_pool2d(x, *args), x
-    if spec.op == "linear":
-        w = torch.randn(p["weight_shape"], generator=generator, dtype=dtype)
-        b = torch.randn(p["weight_shape"][0], generator=generator, dtype=dtype) if p["bias"] else None
-        return (
-            lambda: tf.linear(x, w, b, fuse_relu=fused, target=target),
-            lambda: F.relu(F.linear(x, w, b)) if fused else F.linear(x, w, b),
-            x,
-        )
-    return lambda: tf.relu(x, target=target), lambda: F.relu(x), x
+        ours = lambda: tf.max_pool2d(x, *args, target=target)  # noqa: E731
+    elif spec.op == "linear":
+        ours = lambda: tf.linear(x, w, b, fuse_relu=fused, target=target)  # noqa: E731
+    else:
+        ours = lambda: tf.relu(x, target=target)  # noqa: E731
+    layout = schedules.weight_layout(spec)
+    return ours, lambda: torch_reference(spec, x, w, b)[0], kernel_inputs(spec, layout, x, w, b)
 
 
 def _first(value: torch.Tensor | tuple) -> torch.Tensor:
@@ -266,10 +248,10 @@ def bench_spec(
     ours: Callable | None = None,
 ) -> BenchRow:
     """One row; ``ours`` replaces the tvmlayers call (the harness's own tests use it)."""
-    ours_call, torch_call, x = _calls(spec, target)
+    ours_call, torch_call, inputs = _calls(spec, target)
     ours_call = ours or ours_call
     with torch.no_grad():
-        got, want = _first(ours_call()), _first(torch_call())
+        got, want = _first(ours_call()), torch_call()
     from .build import kernel_for  # noqa: PLC0415 - the kernel the call above just built or loaded
 
     kernel = kernel_for(spec)
@@ -286,28 +268,15 @@ def bench_spec(
     row.ours_ms, row.ours_spread_ms = _median_and_spread(ours_times)
     row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
     row.speedup = row.torch_ms / row.ours_ms
-    args = _kernel_args(spec, kernel, x)
+    dtypes = (want.dtype, torch.int64)  # values, then max_pool2d's indices
+    outputs = [torch.empty(shape, dtype=d) for shape, d in zip(kernel.output_shapes, dtypes, strict=False)]
+    args = [tvm.runtime.from_dlpack(t) for t in (*inputs, *outputs)]
     timer = kernel.module.time_evaluator(SYMBOL, tvm.cpu(), number=10, repeat=max(3, repeat // 10))
     row.kernel_ms = float(statistics.median(timer(*args).results)) * 1e3
     work, row.unit = _work(spec, tuple(want.shape))
     row.rate = work / (row.ours_ms / 1e3) / 1e9
     row.percent_of_peak = 100 * row.rate / (peak[0] if row.unit == "GFLOP/s" else peak[1])
     return row
-
-
-def _kernel_args(spec: KernelSpec, kernel, x: torch.Tensor) -> list:
-    from .layouts import block_out_channels  # noqa: PLC0415
-
-    dtype = x.dtype
-    args = [x.contiguous().view(spec.input_shape)]
-    p = dict(spec.params)
-    if spec.op in ("conv2d", "linear"):
-        args.append(block_out_channels(torch.randn(p["weight_shape"], dtype=dtype), kernel.weight_block))
-        if p["bias"]:
-            args.append(torch.randn(p["weight_shape"][0], dtype=dtype))
-    dtypes = [dtype, torch.int64]
-    args += [torch.empty(shape, dtype=dtypes[i]) for i, shape in enumerate(kernel.output_shapes)]
-    return [tvm.runtime.from_dlpack(a) for a in args]
 
 
 def bench(

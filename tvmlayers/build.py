@@ -112,7 +112,7 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
 
 
 def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
-    layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, spec.target)
+    layout = schedules.weight_layout(spec)
     while True:
         tuned = _tuned_record(spec, layout)
         record = tuned[1] if tuned else None

@@ -27,7 +27,7 @@ from .targets import TargetLike, device_type, resolve_target
 
 __all__ = ["conv2d", "max_pool2d", "linear", "relu"]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _PLAN_CACHE = 4096
 
 
@@ -66,7 +66,7 @@ def _facts(op: str, target: TargetLike, *tensors: torch.Tensor | None) -> tuple:
 
 def _check_types(op: str, dtypes: tuple, devices: tuple, target: tvm.target.Target) -> str:
     """Dtypes and devices of an op's tensors; returns the kernel dtype name."""
-    if dtypes[0] not in _DTYPE_NAMES:
+    if dtypes[0] not in DTYPE_NAMES:
         raise TypeError(f"tvmlayers {op} supports {' and '.join(DTYPES)} tensors, but got {dtypes[0]}")
     for dtype in dtypes[1:]:
         if dtype != dtypes[0]:
@@ -83,7 +83,7 @@ def _check_types(op: str, dtypes: tuple, devices: tuple, target: tvm.target.Targ
             f"{op}: the kernel for target '{target.kind.name}' works on {wanted} tensors, but got tensors on "
             f"{devices[0]}; move them with .to('{wanted}') or pass a target for that device"
         )
-    return _DTYPE_NAMES[dtypes[0]]
+    return DTYPE_NAMES[dtypes[0]]
 
 
 def _scalar_name(dtype: torch.dtype) -> str:

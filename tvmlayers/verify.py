@@ -14,20 +14,36 @@ _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
-def _reference(spec: KernelSpec, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> list:
-    outputs = _unfused_reference(spec, x, weight, bias)
-    return [F.relu(outputs[0])] if spec.get("relu", False) else outputs
+def random_inputs(
+    spec: KernelSpec, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(input, weight in torch's layout or None, bias or None) for one call of ``spec``."""
+    dtype = _TORCH_DTYPES[spec.dtype]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    x = rand(*spec.input_shape)
+    weight = rand(*spec["weight_shape"]) if spec.op in ("conv2d", "linear") else None
+    bias = rand(spec["weight_shape"][0]) if weight is not None and spec["bias"] else None
+    return x, weight, bias
 
 
-def _unfused_reference(
+def torch_reference(
     spec: KernelSpec, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> list:
+) -> list[torch.Tensor]:
+    """What torch computes for ``spec``, the way a torch user computes it (a fused spec: the layer, then
+    relu): the oracle of the correctness checks and the torch side of the benchmark."""
     p = dict(spec.params)
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
-        mode = {"zeros": "constant"}.get(p["padding_mode"], p["padding_mode"])
-        padded = F.pad(x, (left, right, top, bottom), mode=mode) if any(p["padding"]) else x
-        return [F.conv2d(padded, weight, bias, p["stride"], 0, p["dilation"], p["groups"])]
+        if p["padding_mode"] == "zeros" and (top, left) == (bottom, right):
+            out = F.conv2d(x, weight, bias, p["stride"], (top, left), p["dilation"], p["groups"])
+        else:  # uneven ('same' with an even kernel) or non-zero padding: nn.Conv2d pads first, too
+            mode = {"zeros": "constant"}.get(p["padding_mode"], p["padding_mode"])
+            padded = F.pad(x, (left, right, top, bottom), mode=mode)
+            out = F.conv2d(padded, weight, bias, p["stride"], 0, p["dilation"], p["groups"])
+        return [F.relu(out) if p.get("relu") else out]
     if spec.op == "max_pool2d":
         out = F.max_pool2d(
             x,
@@ -40,29 +56,29 @@ def _unfused_reference(
         )
         return list(out) if p["return_indices"] else [out]
     if spec.op == "linear":
-        return [F.linear(x, weight, bias)]
+        out = F.linear(x, weight, bias)
+        return [F.relu(out) if p.get("relu") else out]
     return [F.relu(x)]
 
 
-def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], seed: int = 0) -> str | None:
-    """Run ``kernel`` (inputs, then outputs) on random data; None if it matches torch, else what differs."""
-    generator = torch.Generator().manual_seed(seed)
-    dtype = _TORCH_DTYPES[spec.dtype]
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    x = rand(*spec.input_shape)
-    weight = rand(*spec["weight_shape"]) if spec.op in ("conv2d", "linear") else None
-    bias = rand(spec["weight_shape"][0]) if weight is not None and spec["bias"] else None
-    expected = _reference(spec, x, weight, bias)
-    outputs = [torch.empty_like(e) for e in expected]
-    args = [x]
+def kernel_inputs(
+    spec: KernelSpec, layout: dict, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The kernel's input arguments: the input as its spec shapes it, the weight blocked, the bias."""
+    args = [x.contiguous().view(spec.input_shape)]
     if weight is not None:
         args.append(block_out_channels(weight, layout["weight_block"]))
     if bias is not None:
         args.append(bias)
-    kernel(*args, *outputs)
+    return args
+
+
+def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], seed: int = 0) -> str | None:
+    """Run ``kernel`` (inputs, then outputs) on random data; None if it matches torch, else what differs."""
+    x, weight, bias = random_inputs(spec, torch.Generator().manual_seed(seed))
+    expected = torch_reference(spec, x, weight, bias)
+    outputs = [torch.empty_like(e) for e in expected]
+    kernel(*kernel_inputs(spec, layout, x, weight, bias), *outputs)
     for index, (got, want) in enumerate(zip(outputs, expected, strict=True)):
         if got.dtype == torch.int64:
             mismatched = int((got != want).sum())

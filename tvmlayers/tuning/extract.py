@@ -9,6 +9,7 @@ import torch
 import tvm
 
 from .. import layer_specs, nn
+from ..functional import DTYPE_NAMES
 from ..spec import KernelSpec
 from ..targets import resolve_target
 from .workloads import Workload
@@ -26,7 +27,7 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 
 def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Target) -> KernelSpec | None:
-    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(x.dtype)
+    dtype = DTYPE_NAMES.get(x.dtype)
     kind = _kind(module)
     if dtype is None or kind is None:
         return None

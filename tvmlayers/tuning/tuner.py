@@ -43,6 +43,7 @@ class TaskResult:
 class _Task:
     workload: Workload
     spec: KernelSpec
+    layout: dict
     func: tvm.tirx.PrimFunc
     hash: str
     done: int
@@ -114,7 +115,7 @@ def verified_best(log: TuningLog, spec: KernelSpec, layout: dict, hash_: str) ->
     return None
 
 
-def retime_best(log: TuningLog, task: _Task, layout: dict, top: int = 5) -> None:
+def retime_best(log: TuningLog, task: _Task, top: int = 5) -> None:
     """Time the ``top`` records MetaSchedule found fastest and the default schedule's record again, one
     after the other with one protocol, and store the times in the log: MetaSchedule's own measurements
     come from different moments of a long run and can rank a slower kernel first.  Records that do not
@@ -126,7 +127,7 @@ def retime_best(log: TuningLog, task: _Task, layout: dict, top: int = 5) -> None
     seconds = {}
     for record in candidates:
         try:
-            executable = compile_record(task.spec, layout, record)
+            executable = compile_record(task.spec, task.layout, record)
         except RecordError as err:
             log.reject(record, str(err))
             continue
@@ -212,10 +213,11 @@ def tune(
     tasks = []
     for workload in _as_workloads(workloads):
         spec = workload.spec(tgt)
-        layout = schedules.weight_layout(spec.op, dict(spec.params), spec.dtype, tgt)
+        layout = schedules.weight_layout(spec)
         func = ops.prim_func(spec, layout)
-        hash_ = workload_hash(func)
-        tasks.append(_Task(workload, spec, func, hash_, done=0))  # counted under the tuner lock below
+        tasks.append(
+            _Task(workload, spec, layout, func, workload_hash(func), done=0)
+        )  # counted under the tuner lock below
     if not tasks:
         raise ValueError("no workloads to tune")
     log.add_workloads({t.hash: t.spec for t in tasks}, tgt)
@@ -230,12 +232,10 @@ def tune(
             _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
         if rpc_tracker is None:  # re-timing needs the device here
             for task in tasks:
-                layout = schedules.weight_layout(task.spec.op, dict(task.spec.params), task.spec.dtype, tgt)
-                retime_best(log, task, layout)
+                retime_best(log, task)
     results = []
     for task in tasks:
-        layout = schedules.weight_layout(task.spec.op, dict(task.spec.params), task.spec.dtype, tgt)
-        best = verified_best(log, task.spec, layout, task.hash)
+        best = verified_best(log, task.spec, task.layout, task.hash)
         results.append(TaskResult(task.workload, task.spec, task.hash, log.trials(task.hash), best))
     return results
 
