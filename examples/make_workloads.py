@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 # model file -> (ops kept in its workload file, record the tvmlayers.convert-ed model: fused conv+relu)
 MODELS = {
-    "resnet18": (("conv2d", "max_pool2d", "linear"), False),
+    "resnet18": (("conv2d", "max_pool2d", "linear", "relu"), False),
     "mobilenetv2": (("conv2d",), False),
     "vgg_block": (("conv2d", "max_pool2d", "relu"), True),
     "bert_ffn": (("linear",), False),

@@ -49,6 +49,7 @@ SPECS = [
 def test_report_has_every_field_and_round_trips(tmp_path: Path) -> None:
     report = bench(SPECS, repeat=3, warmup=1, threads=1)
     assert report.threads == 1 and report.peak_gflops > 0 and report.peak_gbps > 0
+    assert report.overhead_us > 0 and report.torch_overhead_us > 0 and "call overhead" in report.to_text()
     assert [row.op for row in report.rows] == ["conv2d", "max_pool2d", "linear", "relu"]
     for row in report.rows:
         assert row.correct and row.max_error < 1e-4

@@ -49,6 +49,16 @@ def test_relu_matches_torch(shape, dtype) -> None:
     assert_matches_torch(tf.relu(x), F.relu(x))
 
 
+def test_relu_of_odd_tensors() -> None:
+    # a 0-d tensor, a strided view and a tensor that requires grad: torch's values, no autograd history
+    for x in (torch.tensor(-3.0), torch.tensor(2.5), torch.randn(8, 6).t(), torch.randn(2, 9)[:, ::3]):
+        assert_matches_torch(tf.relu(x), F.relu(x))
+    leaf = torch.randn(3, 16, requires_grad=True)
+    out = tf.relu(leaf)
+    assert not out.requires_grad
+    assert torch.equal(out, F.relu(leaf.detach()))
+
+
 def test_relu_keeps_nan() -> None:
     x = torch.tensor([float("nan"), -1.0, 2.0, float("-inf"), float("inf")] * 4)
     torch.testing.assert_close(tf.relu(x), F.relu(x), equal_nan=True)

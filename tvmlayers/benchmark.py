@@ -22,6 +22,7 @@ import tvm
 from . import functional as tf
 from . import schedules
 from .formats import REPORT_FORMAT
+from .nn import ReLU
 from .ops import SYMBOL
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
@@ -56,6 +57,9 @@ class BenchReport:
     repeat: int
     peak_gflops: float
     peak_gbps: float
+    # the Python call overhead: a module call of ReLU on 1x16x8x8, tvmlayers and torch, in microseconds
+    overhead_us: float
+    torch_overhead_us: float
     rows: list[BenchRow] = field(default_factory=list)
     format: int = REPORT_FORMAT
 
@@ -110,7 +114,9 @@ class BenchReport:
     def header(self) -> str:
         return (
             f"target {self.target}, {self.threads} threads (TVM and torch), median of {self.repeat} interleaved "
-            f"repeats; measured peak {self.peak_gflops:.0f} GFLOP/s (matmul), {self.peak_gbps:.1f} GB/s (copy)"
+            f"repeats; measured peak {self.peak_gflops:.0f} GFLOP/s (matmul), {self.peak_gbps:.1f} GB/s (copy); "
+            f"call overhead (ReLU module on {'x'.join(map(str, OVERHEAD_SHAPE))}) {self.overhead_us:.1f} us vs "
+            f"torch's {self.torch_overhead_us:.1f} us ({self.overhead_us / self.torch_overhead_us:.2f}x)"
         )
 
     def to_text(self) -> str:
@@ -203,12 +209,15 @@ def _first(value: torch.Tensor | tuple) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
-def _interleaved(a: Callable, b: Callable, repeat: int, warmup: int, block: int = 5) -> tuple[list, list]:
+def _interleaved(
+    a: Callable, b: Callable, repeat: int, warmup: int, block: int = 5, settle_s: float = 0.005
+) -> tuple[list, list]:
     """Time ``a`` and ``b`` alternately, ``block`` calls at a time, ``repeat`` calls each in all.
 
-    Each block starts with one untimed call: TVM's thread pool and torch's OpenMP threads both spin for a
-    while after their work, so the first call after a switch pays for the other library's spinning
-    threads (a real cost in models that mix the two, reported separately by the user-path/kernel gap).
+    Each block starts with ``settle_s`` seconds (at least one call) of untimed calls: TVM's thread pool
+    and torch's OpenMP threads both spin for milliseconds after their work, and while the other
+    library's threads spin, a small kernel on all cores runs up to twice as long.  Both libraries are
+    timed in their steady state; a model that mixes them pays that switch on top.
     """
     for _ in range(warmup):
         a()
@@ -217,6 +226,9 @@ def _interleaved(a: Callable, b: Callable, repeat: int, warmup: int, block: int 
     while len(times[1]) < repeat:
         for fn, out in zip((a, b), times, strict=True):
             fn()
+            settled = time.perf_counter() + settle_s
+            while time.perf_counter() < settled:
+                fn()
             for _ in range(min(block, repeat - len(out))):
                 start = time.perf_counter()
                 fn()
@@ -237,6 +249,26 @@ def measure_peak(threads: int) -> tuple[float, float]:
     source, destination = torch.randn(1 << 26), torch.empty(1 << 26)
     copy = min(_interleaved(lambda: destination.copy_(source), lambda: None, 5, 2)[0])
     return 2 * 2048**3 / matmul / 1e9, 2 * source.numel() * 4 / copy / 1e9
+
+
+OVERHEAD_SHAPE = (1, 16, 8, 8)
+
+
+def measure_overhead(target: tvm.target.Target, repeat: int) -> tuple[float, float]:
+    """Microseconds per module call of ReLU on a tiny tensor (the kernel itself takes well under a
+    microsecond): tvmlayers' and torch's, each the median over ``repeat`` interleaved batches of 100 calls."""
+    x = torch.randn(OVERHEAD_SHAPE)
+    ours, theirs = ReLU(target=target), torch.nn.ReLU()
+
+    def batch(module: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(100):
+                module(x)
+
+        return run
+
+    times = _interleaved(batch(ours), batch(theirs), repeat, 2)
+    return statistics.median(times[0]) * 1e4, statistics.median(times[1]) * 1e4
 
 
 def bench_spec(
@@ -300,7 +332,7 @@ def bench(
     threads = threads or torch.get_num_threads()
     set_num_threads(threads)
     peak = measure_peak(threads)
-    report = BenchReport(target_key(tgt), get_num_threads(), repeat, peak[0], peak[1])
+    report = BenchReport(target_key(tgt), get_num_threads(), repeat, *peak, *measure_overhead(tgt, repeat))
     for spec in dict.fromkeys(specs):
         report.rows.append(bench_spec(spec, tgt, repeat, warmup, peak))
     return report

@@ -51,7 +51,7 @@ KERNEL_KEY_VERSION = 1
 KERNEL_CACHE_VERSION = 1
 TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2  # 2: call overhead fields
 
 
 def canonical_json(obj: Any) -> str:

@@ -171,8 +171,7 @@ def linear_spec(
 
 
 def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[KernelSpec | None, Shape]:
-    """relu works on the flattened tensor; the spec is None for an empty one."""
-    numel = math.prod(in_shape)
-    if numel == 0:
+    """relu keeps the tensor's shape (a 0-d tensor runs as one element); the spec is None for an empty one."""
+    if math.prod(in_shape) == 0:
         return None, in_shape
-    return KernelSpec.make("relu", (numel,), dtype, target), in_shape
+    return KernelSpec.make("relu", tuple(in_shape) or (1,), dtype, target), in_shape

@@ -34,8 +34,7 @@ def packed_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     memo is keyed by identity and forgets a tensor when it is garbage collected.
     """
     key, stamp = id(weight), (weight._version, weight.data_ptr(), block)
-    with _packed_lock:
-        hit = _packed.get(key)
+    hit = _packed.get(key)  # a single dict read is atomic; the lock orders the writers
     if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
     packed = block_out_channels(weight, block)

@@ -19,7 +19,8 @@ class X86Relu:
             return None
         sch = Schedule(func)
         block = sch.get_sblock("relu")
-        (loop,) = sch.get_loops(block)
+        loops = sch.get_loops(block)
+        loop = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         size = int(sch.get(loop).extent)
         lanes = vector_lanes(target, input_dtype(func))
         if size % lanes:

@@ -44,7 +44,7 @@ class CompiledLayer(torch.nn.Module):
 
     def _remember(self, input: torch.Tensor, kernel: Kernel | None) -> None:
         if kernel is not None:
-            self.kernels[tuple(input.shape)] = kernel
+            self.kernels[input.shape] = kernel  # torch.Size: a tuple, without the copy tuple() would make
 
     def _with_target(self, extra_repr: str) -> str:
         """``extra_repr`` with ``target=...`` appended when one was given."""

@@ -1,4 +1,4 @@
-"""relu as a tensor expression on a flat tensor (the caller flattens: relu does not care about shape)."""
+"""relu as a tensor expression, on a tensor of any rank (the kernel takes torch's tensor without a reshape)."""
 
 from __future__ import annotations
 
@@ -13,4 +13,4 @@ def relu_value(value: tirx.Expr, dtype: str) -> tirx.Expr:
 
 
 def relu_compute(data: te.Tensor) -> te.Tensor:
-    return te.compute(data.shape, lambda i: relu_value(data[i], data.dtype), name="relu")
+    return te.compute(data.shape, lambda *index: relu_value(data(*index), data.dtype), name="relu")
