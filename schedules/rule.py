@@ -43,6 +43,12 @@ def register_tile_limit(target: tvm.target.Target) -> int:
     return 28 if vector_bits(target) >= 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 12
 
 
+def conv_accumulator_limit(target: tvm.target.Target) -> int:
+    """Accumulator vectors of a conv register tile: half of :func:`register_tile_limit`'s registers and a
+    few more (measured: fuller tiles ran slower, see ``x86/conv2d.py``)."""
+    return 16 if register_tile_limit(target) >= 28 else 8
+
+
 def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
