@@ -29,7 +29,9 @@ Tuning logs (``TUNING_LOG_VERSION``), one MetaSchedule JSON database per target:
         database_tuning_record.json       MetaSchedule's: one line per measured candidate
                                           [workload line index, [trace, run seconds, target, arg info]]
         tvmlayers.json                    {"format", "tvm_version", "target", "workloads": {hash: spec JSON},
-                                           "rejected": {record id: reason}, "baselines": {hash: true},
+                                           "rejected": {record id: reason}, "baselines": {hash: record id},
+                                           "baseline_code": {hash: code fingerprint of that baseline},
+                                           "retimed": {hash: {record id: seconds}},
                                            "trials": {hash: count} (kept by merges)}
 
 A record id is the first 20 hex digits of the SHA-256 of ``canonical_json([workload hash, trace])``; the

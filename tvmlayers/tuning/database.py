@@ -272,11 +272,13 @@ class TuningLog:
                 meta["workloads"][shash] = spec.to_json()
             self._write_meta(meta)
 
-    def mark_baselines(self, baselines: dict[str, str]) -> None:
-        """Remember the record of each workload's default schedule (workload hash -> record id)."""
+    def mark_baselines(self, baselines: dict[str, str], code: str) -> None:
+        """Remember the record of each workload's default schedule (workload hash -> record id) and the
+        fingerprint of the op and schedule code that made it."""
         with self.locked():
             meta = self.meta()
             meta.setdefault("baselines", {}).update(baselines)
+            meta.setdefault("baseline_code", {}).update(dict.fromkeys(baselines, code))
             self._write_meta(meta)
 
     def set_retimed(self, workload: str, seconds: dict[str, float]) -> None:

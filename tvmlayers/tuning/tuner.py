@@ -19,6 +19,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from .. import ops, schedules
+from ..build import code_fingerprint
 from ..spec import KernelSpec
 from ..targets import TargetLike, resolve_target
 from .apply import RecordError, compile_record
@@ -162,10 +163,12 @@ def _time(module: tvm.runtime.Module, func: tvm.tirx.PrimFunc) -> float:
 
 
 def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target) -> None:
-    """Put each task's default schedule in the log as a measured record, once: the search then starts
+    """Put each task's default schedule in the log as a measured record, once per version of the schedule
+    code: the search then starts
     from it, and a tuned record is never slower than the kernel users would get without tuning."""
-    seeded = log.meta().get("baselines", {})
-    todo = [t for t in tasks if t.hash not in seeded]
+    # re-seeded whenever the op or schedule code changed: the default schedule may be a new one
+    seeded_with = log.meta().get("baseline_code", {})
+    todo = [t for t in tasks if seeded_with.get(t.hash) != code_fingerprint()]
     if not todo:
         return
     database = ms.database.JSONDatabase(
@@ -182,7 +185,7 @@ def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target
             )
         )
         baselines[task.hash] = max(log.records(task.hash), key=lambda r: r.line).id  # the line just added
-    log.mark_baselines(baselines)
+    log.mark_baselines(baselines, code_fingerprint())
 
 
 def tune(
