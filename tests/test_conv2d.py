@@ -86,6 +86,8 @@ EDGE_CASES = [
     # depthwise, depthwise with channel multiplier, grouped with blocked groups
     dict(shape=(2, 32, 15, 15), out_channels=32, kernel=3, stride=1, padding=1, dilation=1, groups=32, bias=True),
     dict(shape=(1, 8, 12, 12), out_channels=24, kernel=3, stride=2, padding=1, dilation=1, groups=8, bias=True),
+    # strided depthwise (its rows are padded next to their use), with dilation and a ragged row
+    dict(shape=(2, 16, 17, 23), out_channels=16, kernel=3, stride=2, padding=2, dilation=2, groups=16, bias=True),
     dict(shape=(1, 32, 10, 10), out_channels=64, kernel=3, stride=1, padding=1, dilation=1, groups=2, bias=True),
     # kernel as large as the padded input: a 1x1 output
     dict(shape=(1, 3, 5, 5), out_channels=4, kernel=5, stride=1, padding=0, dilation=1, groups=1, bias=True),

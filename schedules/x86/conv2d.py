@@ -49,10 +49,28 @@ def _extents(sch: Schedule, block_name: str) -> list[int]:
     return [int(v.dom.extent) for v in sch.get(sch.get_sblock(block_name)).iter_vars]
 
 
-def _schedule(func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: str) -> Schedule:
+def _column_stride(sch: Schedule) -> int:
+    """The conv's horizontal stride, read off its input index ``x * stride + j * dilation``."""
+    conv = sch.get(sch.get_sblock("conv_blocked"))
+    x = conv.iter_vars[3].var
+    terms = [conv.reads[0].region[3].min]
+    while terms:
+        term = terms.pop()
+        if isinstance(term, tvm.tirx.Add):
+            terms += [term.a, term.b]
+        elif isinstance(term, tvm.tirx.Mul) and term.a.same_as(x):
+            return int(term.b)
+    return 1
+
+
+def _schedule(
+    func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: str, pad_per_row: bool = False
+) -> Schedule:
     """Row tiles of the output in parallel; inside a tile the reduction runs outermost and the
     ``vector_inner`` dimension ("channel" block or output "column") is the SIMD vector.  A channel tile
-    holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there)."""
+    holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).
+    ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
+    input first."""
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
     out_blocks, _, out_width, block = _extents(sch, "conv_blocked")[1:5]
@@ -86,7 +104,11 @@ def _schedule(func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: 
         sch.vectorize(xi)
     sch.vectorize(loops[vector_inner])
     sch.decompose_reduction(conv, loops["c"])
-    if has_block(sch, "pad"):
+    if has_block(sch, "pad") and pad_per_row:
+        pad = sch.get_sblock("pad")
+        sch.compute_at(pad, sch.get_loops(out)[0], preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    elif has_block(sch, "pad"):
         parallel_outer(sch, "pad", 3)
     return sch
 
@@ -106,5 +128,10 @@ class X86Conv2dSpatial:
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "conv2d":
             return None
-        # four registers' worth of output columns
-        return _schedule(func, 4 * vector_lanes(target, input_dtype(func)), tunable, vector_inner="column")
+        lanes = vector_lanes(target, input_dtype(func))
+        # A strided depthwise conv reads every other input column: vectors of output columns gather.
+        # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
+        # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
+        strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(Schedule(func)) > 1
+        columns = lanes if strided_depthwise else 4 * lanes  # else four registers' worth
+        return _schedule(func, columns, tunable, vector_inner="column", pad_per_row=strided_depthwise)
