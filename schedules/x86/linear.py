@@ -37,8 +37,10 @@ class X86Linear:
             m_factors, n_factors = [None, tile_rows], [None, tile_blocks]
         mo, mi = sch.split(m, m_factors)
         nbo, nbi = sch.split(no, n_factors)
-        sch.reorder(mo, nbo, mi, nbi, ni)
-        sch.parallel(sch.fuse(mo, nbo))
+        # weight panels outermost: a panel stays in L2 while every row tile passes over it, so the weight
+        # streams from memory once, not once per row tile
+        sch.reorder(nbo, mo, mi, nbi, ni)
+        sch.parallel(sch.fuse(nbo, mo))
         sch.compute_at(acc, sch.get_loops(out)[0], preserve_unit_loops=True)
         loops = inner_loops(sch, acc, 1, ["row", "blocks", "feature", "k"])
         sch.reorder(loops["k"], loops["row"], loops["blocks"], loops["feature"])

@@ -106,21 +106,24 @@ def _only_tuner(log: TuningLog) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def verified_best(log: TuningLog, spec: KernelSpec, layout: dict, hash_: str) -> TuningRecord | None:
-    """The fastest record that computes what torch computes; records that do not are rejected in the log."""
+def verified_best(
+    log: TuningLog, spec: KernelSpec, layout: dict, hash_: str, checked: frozenset[str] = frozenset()
+) -> TuningRecord | None:
+    """The fastest record that computes what torch computes; records that do not are rejected in the log.
+    Records in ``checked`` were verified a moment ago and are not compiled again."""
     while (record := log.best(hash_)) is not None:
-        problem = check_record(spec, layout, record)
+        problem = None if record.id in checked else check_record(spec, layout, record)
         if problem is None:
             return record
         log.reject(record, problem)
     return None
 
 
-def retime_best(log: TuningLog, task: _Task, top: int = 5) -> None:
+def retime_best(log: TuningLog, task: _Task, top: int = 5) -> set[str]:
     """Time the ``top`` records MetaSchedule found fastest and the default schedule's record again, one
     after the other with one protocol, and store the times in the log: MetaSchedule's own measurements
     come from different moments of a long run and can rank a slower kernel first.  Records that do not
-    build or compute the wrong result are rejected on the way."""
+    build or compute the wrong result are rejected on the way; returns the ids of those that passed."""
     meta = log.meta()
     usable = [r for r in log.records(task.hash) if r.id not in meta["rejected"]]
     baseline = meta.get("baselines", {}).get(task.hash)
@@ -134,6 +137,7 @@ def retime_best(log: TuningLog, task: _Task, top: int = 5) -> None:
             continue
         seconds[record.id] = _time(executable.jit(), task.func)
     log.set_retimed(task.hash, seconds)
+    return set(seconds)
 
 
 def check_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> str | None:
@@ -233,12 +237,13 @@ def tune(
         pending = [t for t in tasks if t.done < trials]
         if pending:
             _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
+        checked: set[str] = set()
         if rpc_tracker is None:  # re-timing needs the device here
             for task in tasks:
-                retime_best(log, task)
+                checked |= retime_best(log, task)
     results = []
     for task in tasks:
-        best = verified_best(log, task.spec, task.layout, task.hash)
+        best = verified_best(log, task.spec, task.layout, task.hash, frozenset(checked))
         results.append(TaskResult(task.workload, task.spec, task.hash, log.trials(task.hash), best))
     return results
 
