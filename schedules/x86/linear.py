@@ -14,6 +14,8 @@ from ..rule import inner_loops, largest_divisor, op_of, register_tile_limit
 
 MAX_TILE_ROWS = 8
 MAX_TILE_BLOCKS = 8
+# Below this many multiply-adds the kernel takes about as long as waking the thread pool (~2 us)
+PARALLEL_MIN_MACS = 1 << 18
 
 
 class X86Linear:
@@ -40,7 +42,9 @@ class X86Linear:
         # weight panels outermost: a panel stays in L2 while every row tile passes over it, so the weight
         # streams from memory once, not once per row tile
         sch.reorder(nbo, mo, mi, nbi, ni)
-        sch.parallel(sch.fuse(nbo, mo))
+        tiles = sch.fuse(nbo, mo)
+        if rows * out_blocks * block * int(sch.get(acc).iter_vars[3].dom.extent) >= PARALLEL_MIN_MACS:
+            sch.parallel(tiles)
         sch.compute_at(acc, sch.get_loops(out)[0], preserve_unit_loops=True)
         loops = inner_loops(sch, acc, 1, ["row", "blocks", "feature", "k"])
         sch.reorder(loops["k"], loops["row"], loops["blocks"], loops["feature"])
