@@ -92,6 +92,8 @@ EDGE_CASES = [
     # kernel as large as the padded input: a 1x1 output
     dict(shape=(1, 3, 5, 5), out_channels=4, kernel=5, stride=1, padding=0, dilation=1, groups=1, bias=True),
     dict(shape=(1, 3, 3, 3), out_channels=4, kernel=5, stride=1, padding=1, dilation=1, groups=1, bias=True),
+    # a padded input larger than L2 (2.2 MB): padded one row at a time, all channel blocks over it
+    dict(shape=(1, 32, 130, 130), out_channels=32, kernel=3, stride=1, padding=1, dilation=1, groups=1, bias=True),
     # prime-sized output rows
     dict(shape=(1, 16, 31, 53), out_channels=16, kernel=3, stride=1, padding=1, dilation=1, groups=1, bias=True),
 ]
