@@ -314,7 +314,7 @@ def relu_with_kernel(input: torch.Tensor, inplace: bool, target: TargetLike) -> 
     if kernel is None:
         return (input if inplace else input.clone()), None
     if input.is_contiguous():
-        source = input if plan.in_view is None else input.view(plan.in_view)
+        source = _kernel_input(input, plan)
         if inplace:
             kernel.function(source, source)  # elementwise, each element read before it is written: aliasing is safe
             return input, kernel

@@ -67,15 +67,12 @@ def _column_stride(sch: Schedule) -> int:
     return 1
 
 
-def _schedule(
-    func: tvm.tirx.PrimFunc, limit: int, tunable: bool, vector_inner: str, pad_per_row: bool = False
-) -> Schedule:
+def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_per_row: bool = False) -> Schedule:
     """Row tiles of the output in parallel; inside a tile the reduction runs outermost and the
     ``vector_inner`` dimension ("channel" block or output "column") is the SIMD vector.  A channel tile
     holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).
     ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
-    input first."""
-    sch = Schedule(func)
+    input first.  ``sch`` is the unscheduled kernel the rule has inspected."""
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
     out_blocks, _, out_width, block = _extents(sch, "conv_blocked")[1:5]
     n, o, y, x = sch.get_loops(out)
@@ -88,9 +85,10 @@ def _schedule(
             columns, vectors = _channel_register_tile(out_width, out_blocks, limit)
             column_factors, vector_factors = [None, columns], [None, vectors]
     else:
-        columns = limit
-        column_factors = sch.sample_perfect_tile(x, n=2, max_innermost_factor=columns) if tunable else None
-        column_factors = column_factors or [None, _row_tile(out_width, columns)]
+        if tunable:
+            column_factors = sch.sample_perfect_tile(x, n=2, max_innermost_factor=limit)
+        else:
+            column_factors = [None, _row_tile(out_width, limit)]
         vector_factors = [None, 1]
     xo, xi = sch.split(x, column_factors)
     ooo, ooi = sch.split(oo, vector_factors)
@@ -137,7 +135,7 @@ class X86Conv2dBlocked:
         itemsize = tvm.DataType(input_dtype(func)).bits // 8
         padded = math.prod(_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
         pad_per_row = padded > ROW_PAD_MIN_BYTES
-        return _schedule(func, conv_accumulator_limit(target), tunable, "channel", pad_per_row)
+        return _schedule(sch, conv_accumulator_limit(target), tunable, "channel", pad_per_row)
 
 
 class X86Conv2dSpatial:
@@ -150,6 +148,7 @@ class X86Conv2dSpatial:
         # A strided depthwise conv reads every other input column: vectors of output columns gather.
         # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
         # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
-        strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(Schedule(func)) > 1
+        sch = Schedule(func)
+        strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(sch) > 1
         columns = lanes if strided_depthwise else 4 * lanes  # else four registers' worth
-        return _schedule(func, columns, tunable, vector_inner="column", pad_per_row=strided_depthwise)
+        return _schedule(sch, columns, tunable, vector_inner="column", pad_per_row=strided_depthwise)

@@ -26,7 +26,7 @@ class X86Linear:
             return None
         sch = Schedule(func)
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
-        rows, out_blocks, block = (int(v.dom.extent) for v in sch.get(acc).iter_vars[:3])
+        rows, out_blocks, block, in_features = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
         limit = register_tile_limit(target)
         m, n = sch.get_loops(out)
         no, ni = sch.split(n, [None, block])
@@ -43,7 +43,7 @@ class X86Linear:
         # streams from memory once, not once per row tile
         sch.reorder(nbo, mo, mi, nbi, ni)
         tiles = sch.fuse(nbo, mo)
-        if rows * out_blocks * block * int(sch.get(acc).iter_vars[3].dom.extent) >= PARALLEL_MIN_MACS:
+        if rows * out_blocks * block * in_features >= PARALLEL_MIN_MACS:
             sch.parallel(tiles)
         sch.compute_at(acc, sch.get_loops(out)[0], preserve_unit_loops=True)
         loops = inner_loops(sch, acc, 1, ["row", "blocks", "feature", "k"])
