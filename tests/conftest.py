@@ -3,16 +3,25 @@ is compiled once per run), and helpers that compare with torch."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import tvm
+
+from tvmlayers.spec import KernelSpec
+from tvmlayers.targets import resolve_target
 
 # Kernels are keyed by a hash of the op and schedule sources, so a cache kept between runs never serves a
 # kernel of older code; tests about building and caching use their own empty directories.
 os.environ.setdefault("TVMLAYERS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels"))
 
+HOST = resolve_target("host")
 TOLERANCES = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
 
@@ -27,3 +36,55 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty kernel cache for this test only."""
     monkeypatch.setenv("TVMLAYERS_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def conv3x3_spec(
+    input_shape: tuple[int, ...], out_channels: int, groups: int = 1, target: tvm.target.Target = HOST
+) -> KernelSpec:
+    """The tests' small conv: 3x3, stride 1, one pixel of zero padding, with bias."""
+    return KernelSpec.make(
+        "conv2d",
+        input_shape,
+        "float32",
+        target,
+        stride=(1, 1),
+        padding=(1, 1, 1, 1),
+        dilation=(1, 1),
+        groups=groups,
+        padding_mode="zeros",
+        bias=True,
+        weight_shape=(out_channels, input_shape[1] // groups, 3, 3),
+    )
+
+
+# A fresh process that runs Conv2d(8, 16, 3, padding=1) on a (1, 8, size, size) input through the module
+# API and prints, as its last line, what the pipeline did.
+_CONV_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, tvmlayers as tl
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(8, 16, 3, padding=1)
+    ours = tl.Conv2d.from_torch(reference)
+    size = int(sys.argv[1])
+    x = torch.randn(1, 8, size, size)
+    with torch.no_grad():
+        error = (ours(x) - reference(x)).abs().max().item()
+    (kernel,) = ours.kernels.values()
+    print(json.dumps({"built_here": kernel.built_here, "error": error, "key": kernel.key,
+                      "provenance": kernel.provenance}))
+    """
+)
+
+
+def start_conv_child(size: int, env: dict[str, str]) -> subprocess.Popen:
+    """Start the conv child with ``env`` added to this process's environment."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _CONV_CHILD, str(size)], env={**os.environ, **env}, stdout=subprocess.PIPE, text=True
+    )
+
+
+def conv_child_report(process: subprocess.Popen) -> dict:
+    """Wait for a conv child; its report as a dict (it must have succeeded)."""
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    return json.loads(out.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import conv3x3_spec
 from tvmlayers.benchmark import BenchReport, bench, bench_spec
 from tvmlayers.cli import main
 from tvmlayers.spec import KernelSpec
@@ -16,19 +17,7 @@ from tvmlayers.tuning.workloads import Workload, save_workloads
 
 HOST = resolve_target("host")
 SPECS = [
-    KernelSpec.make(
-        "conv2d",
-        (1, 4, 8, 8),
-        "float32",
-        HOST,
-        stride=(1, 1),
-        padding=(1, 1, 1, 1),
-        dilation=(1, 1),
-        groups=1,
-        padding_mode="zeros",
-        bias=True,
-        weight_shape=(16, 4, 3, 3),
-    ),
+    conv3x3_spec((1, 4, 8, 8), 16),
     KernelSpec.make(
         "max_pool2d",
         (1, 4, 8, 8),

@@ -4,44 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import conv_child_report, start_conv_child
 from tvmlayers.build import kernel_for
 from tvmlayers.cache import KernelCache
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
 
-# A child process that runs one conv through the module API and reports what the pipeline did.
-CHILD = textwrap.dedent(
-    """
-    import json, sys, torch, tvmlayers as tl
-    torch.manual_seed(0)
-    reference = torch.nn.Conv2d(8, 16, 3, padding=1)
-    ours = tl.Conv2d.from_torch(reference)
-    x = torch.randn(1, 8, 9, 9)
-    with torch.no_grad():
-        error = (ours(x) - reference(x)).abs().max().item()
-    (kernel,) = ours.kernels.values()
-    print(json.dumps({"built_here": kernel.built_here, "error": error, "key": kernel.key,
-                      "provenance": kernel.provenance}))
-    """
-)
-
 
 def _run_child(cache: Path) -> subprocess.Popen:
-    env = {**__import__("os").environ, "TVMLAYERS_CACHE_DIR": str(cache)}
-    return subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, text=True)
-
-
-def _report(process: subprocess.Popen) -> dict:
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0
-    return json.loads(out.strip().splitlines()[-1])
+    return start_conv_child(9, {"TVMLAYERS_CACHE_DIR": str(cache)})
 
 
 def _relu_spec(size: int = 4096) -> KernelSpec:
@@ -59,8 +35,8 @@ def _writing(data: bytes, manifest: dict):
 
 
 def test_second_process_loads_without_compiling(tmp_path: Path) -> None:
-    first = _report(_run_child(tmp_path))
-    second = _report(_run_child(tmp_path))
+    first = conv_child_report(_run_child(tmp_path))
+    second = conv_child_report(_run_child(tmp_path))
     assert first["built_here"] is True and second["built_here"] is False
     assert first["key"] == second["key"]
     assert first["error"] < 1e-4 and second["error"] < 1e-4
@@ -68,7 +44,7 @@ def test_second_process_loads_without_compiling(tmp_path: Path) -> None:
 
 
 def test_concurrent_builders_compile_once(tmp_path: Path) -> None:
-    reports = [_report(p) for p in [_run_child(tmp_path) for _ in range(3)]]
+    reports = [conv_child_report(p) for p in [_run_child(tmp_path) for _ in range(3)]]
     assert sorted(r["built_here"] for r in reports) == [False, False, True]
     assert all(r["error"] < 1e-4 for r in reports)
     cache = KernelCache(tmp_path)
@@ -101,11 +77,11 @@ def test_corrupt_entry_is_rebuilt_not_loaded(tmp_path: Path, damage) -> None:
 
 
 def test_corrupt_entry_is_rebuilt_by_a_new_process(tmp_path: Path) -> None:
-    first = _report(_run_child(tmp_path))
+    first = conv_child_report(_run_child(tmp_path))
     (entry,) = KernelCache(tmp_path).entries()
     so = entry.so_path
     so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])
-    second = _report(_run_child(tmp_path))
+    second = conv_child_report(_run_child(tmp_path))
     assert second["built_here"] is True and second["key"] == first["key"] and second["error"] < 1e-4
 
 

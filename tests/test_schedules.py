@@ -6,6 +6,7 @@ import pytest
 import torch
 import tvm
 
+from conftest import conv3x3_spec
 from tvmlayers import ops
 from tvmlayers.layouts import block_out_channels
 from tvmlayers.schedules import default_schedule, rules_for, weight_layout
@@ -18,19 +19,7 @@ AARCH64 = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr
 
 
 def _conv_spec(out_channels: int, groups: int = 1, target=HOST) -> KernelSpec:
-    return KernelSpec.make(
-        "conv2d",
-        (1, 16, 10, 12),
-        "float32",
-        target,
-        stride=(1, 1),
-        padding=(1, 1, 1, 1),
-        dilation=(1, 1),
-        groups=groups,
-        padding_mode="zeros",
-        bias=True,
-        weight_shape=(out_channels, 16 // groups, 3, 3),
-    )
+    return conv3x3_spec((1, 16, 10, 12), out_channels, groups, target)
 
 
 def test_weight_layout_follows_the_vector_width() -> None:
