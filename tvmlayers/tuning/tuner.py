@@ -166,15 +166,15 @@ def _time(module: tvm.runtime.Module, func: tvm.tirx.PrimFunc) -> float:
     return float(timer(*args).mean)
 
 
-def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target) -> None:
-    """Put each task's default schedule in the log as a measured record, once per version of the schedule
-    code: the search then starts
-    from it, and a tuned record is never slower than the kernel users would get without tuning."""
+def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target) -> set[str]:
+    """Put each task's default schedule in the log as a measured record, once per version of the op and
+    schedule code: the search then starts from it, and a tuned record is never slower than the kernel
+    users would get without tuning.  Returns the workload hashes seeded now."""
     # re-seeded whenever the op or schedule code changed: the default schedule may be a new one
     seeded_with = log.meta().get("baseline_code", {})
     todo = [t for t in tasks if seeded_with.get(t.hash) != code_fingerprint()]
     if not todo:
-        return
+        return set()
     database = ms.database.JSONDatabase(
         path_workload=str(log.directory / WORKLOAD_FILE), path_tuning_record=str(log.directory / RECORD_FILE)
     )
@@ -190,6 +190,7 @@ def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target
         )
         baselines[task.hash] = max(log.records(task.hash), key=lambda r: r.line).id  # the line just added
     log.mark_baselines(baselines, code_fingerprint())
+    return set(baselines)
 
 
 def tune(
@@ -230,8 +231,9 @@ def tune(
     log.add_workloads({t.hash: t.spec for t in tasks}, tgt)
     with _only_tuner(log):
         log.repair()  # MetaSchedule cannot open a database with a corrupt line
+        seeded = set()
         if rpc_tracker is None:  # a baseline measured here says nothing about a remote device
-            _seed_defaults(tasks, log, tgt)
+            seeded = _seed_defaults(tasks, log, tgt)
         for task in tasks:
             task.done = log.trials(task.hash)
         pending = [t for t in tasks if t.done < trials]
@@ -239,8 +241,11 @@ def tune(
             _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
         checked: set[str] = set()
         if rpc_tracker is None:  # re-timing needs the device here
+            retimed, changed = log.meta().get("retimed", {}), seeded | {t.hash for t in pending}
             for task in tasks:
-                checked |= retime_best(log, task)
+                # a task whose records did not change since they were last re-timed keeps those times
+                if task.hash in changed or task.hash not in retimed:
+                    checked |= retime_best(log, task)
     results = []
     for task in tasks:
         best = verified_best(log, task.spec, task.layout, task.hash, frozenset(checked))
