@@ -19,6 +19,7 @@ import tvmlayers as tl
 from conftest import conv3x3_spec, conv_child_report, start_conv_child
 from tvmlayers import ops, schedules
 from tvmlayers.build import code_fingerprint
+from tvmlayers.locks import file_lock
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
 from tvmlayers.tuning.database import RECORD_FILE, TuningLog, merge_logs, workload_hash
@@ -105,6 +106,12 @@ def test_default_schedule_is_measured_again_when_the_schedule_code_changes(
     assert meta()["baselines"][_hash(CONV)] in meta()["retimed"][_hash(CONV)]
     tune([CONV], HOST, trials=trials, log_dir=root, progress=False)
     assert lines() == before + 1, "once per version of the code"
+
+
+def test_a_second_tuner_on_the_same_log_is_refused(tmp_path: Path) -> None:
+    with file_lock(_log(tmp_path).directory / ".tuner.lock"):  # as a running tuner holds it
+        with pytest.raises(RuntimeError, match="another tvmlayers tune is already writing"):
+            tune([CONV], HOST, trials=1, log_dir=tmp_path, progress=False)
 
 
 def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:

@@ -9,18 +9,18 @@ by rename) before it is rebuilt.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import KERNEL_CACHE_VERSION
+from .locks import file_lock
 
 SO_NAME = "kernel.so"
 MANIFEST_NAME = "manifest.json"
@@ -100,16 +100,8 @@ class KernelCache:
         return found
 
     # ---------------------------------------------------------------------------------------- writing
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / "locks" / f"{key}.lock")
 
     def _discard(self, directory: Path) -> None:
         trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex}")

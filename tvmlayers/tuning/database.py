@@ -18,7 +18,6 @@ and also checks every record's own target before applying it.  Log roots are sea
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ import tvm_ffi
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..formats import TUNING_LOG_VERSION, canonical_json
+from ..locks import file_lock
 from ..spec import KernelSpec
 from ..targets import target_json, target_key
 
@@ -217,16 +217,9 @@ class TuningLog:
         return {h: [r for r in rs if r.target_key == self.key] for h, rs in self._index().records.items()}
 
     # ------------------------------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Serializes writers of this log across processes (tuners, rejections, merges)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.directory / ".lock")
 
     def _write_meta(self, meta: dict) -> None:
         tmp = self.directory / f".{META_FILE}.{os.getpid()}.tmp"

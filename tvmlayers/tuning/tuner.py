@@ -6,10 +6,9 @@ same command again counts the trials already in the log toward the budget)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from .. import ops, schedules
 from ..build import code_fingerprint
+from ..locks import file_lock
 from ..spec import KernelSpec
 from ..targets import TargetLike, resolve_target
 from .apply import RecordError, compile_record
@@ -91,19 +91,11 @@ def _runner(rpc_tracker: str | None, rpc_key: str | None, timeout: float) -> ms.
     return ms.runner.RPCRunner(rpc_config=config)
 
 
-@contextlib.contextmanager
-def _only_tuner(log: TuningLog) -> Iterator[None]:
+def _only_tuner(log: TuningLog) -> contextlib.AbstractContextManager[None]:
     """One tuner per target log at a time: two would interleave lines of the same database files."""
-    log.directory.mkdir(parents=True, exist_ok=True)
-    with open(log.directory / ".tuner.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another tvmlayers tune is already writing {log.directory}; wait for it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(
+        log.directory / ".tuner.lock", busy=f"another tvmlayers tune is already writing {log.directory}; wait for it"
+    )
 
 
 def verified_best(
