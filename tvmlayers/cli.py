@@ -71,7 +71,8 @@ def _target_argument(value: str | None, settings: dict) -> object:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .tuning.tuner import tune  # noqa: PLC0415 - MetaSchedule is heavy; only tuning loads it
+    from .tuning.interrupt import SIGINT_EXIT  # noqa: PLC0415 - MetaSchedule is heavy; only tuning loads it
+    from .tuning.tuner import tune  # noqa: PLC0415
     from .tuning.workloads import load_workloads  # noqa: PLC0415
 
     if bool(args.workloads) == bool(args.model):
@@ -81,17 +82,25 @@ def _tune(args: argparse.Namespace) -> int:
         workloads = _model_workloads(args.model, args.input_shape)
     else:
         workloads, settings = load_workloads(args.workloads)
-    results = tune(
-        workloads,
-        _target_argument(args.target, settings),
-        args.trials,
-        args.log_dir,
-        space=args.space,
-        trials_per_iter=args.trials_per_iter,
-        rpc_tracker=args.rpc_tracker,
-        rpc_key=args.rpc_key,
-        timeout=args.timeout,
-    )
+    try:
+        results = tune(
+            workloads,
+            _target_argument(args.target, settings),
+            args.trials,
+            args.log_dir,
+            space=args.space,
+            trials_per_iter=args.trials_per_iter,
+            rpc_tracker=args.rpc_tracker,
+            rpc_key=args.rpc_key,
+            timeout=args.timeout,
+        )
+    except KeyboardInterrupt:
+        print(
+            "tvmlayers tune: interrupted; every trial measured so far is in the tuning log, "
+            "and the same command resumes from there",
+            file=sys.stderr,
+        )
+        return SIGINT_EXIT
     print(f"{'workload':70} {'trials':>6} {'best us':>10}  record")
     for result in results:
         best = f"{result.best.seconds * 1e6:10.1f}  {result.best.id}" if result.best else f"{'-':>10}  none verified"

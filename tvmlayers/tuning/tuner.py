@@ -25,6 +25,13 @@ from ..targets import TargetLike, resolve_target
 from .apply import RecordError, compile_record
 from .database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
 from .fast_import import import_tensor_intrin
+from .interrupt import (
+    Interrupt,
+    InterruptCallback,
+    InterruptibleBuilder,
+    InterruptibleCostModel,
+    InterruptibleRunner,
+)
 from .progress import Progress, ProgressCallback
 from .workloads import Workload, load_workloads
 
@@ -274,10 +281,20 @@ def _run(
         path_workload=str(log.directory / WORKLOAD_FILE), path_tuning_record=str(log.directory / RECORD_FILE)
     )
     progress = Progress([t.name for t in tasks], sum(remaining), quiet=not show_progress)
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), ProgressCallback(progress)]
+    interrupt = Interrupt()
+    callbacks = [  # the default ones add each batch to the database first: an interrupt after them loses nothing
+        *ms.measure_callback.MeasureCallback.create("default"),
+        ProgressCallback(progress),
+        InterruptCallback(interrupt),
+    ]
     builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin)
+    builder, runner = (
+        InterruptibleBuilder(builder, interrupt),
+        InterruptibleRunner(_runner(rpc_tracker, rpc_key, timeout), interrupt),
+    )
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto")
     before = sum(len(log.records(t.hash)) for t in tasks)
-    with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir:
+    with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir, interrupt.catching():
         try:
             ms.tune.tune_tasks(
                 tasks=contexts,
@@ -287,9 +304,9 @@ def _run(
                 max_trials_per_task=max(remaining),
                 num_trials_per_iter=min(trials_per_iter, max(remaining)),
                 builder=builder,
-                runner=_runner(rpc_tracker, rpc_key, timeout),
+                runner=runner,
                 database=database,
-                cost_model="xgb",
+                cost_model=InterruptibleCostModel(cost_model, interrupt),
                 measure_callbacks=callbacks,
             )
         finally:

@@ -1,0 +1,140 @@
+"""Ctrl-C during tuning: stop within moments, never in the middle of MetaSchedule's C++.
+
+Python's own SIGINT handling raises ``KeyboardInterrupt`` wherever the main thread is.  Inside
+MetaSchedule's C++ (the search, the task scheduler) TVM checks for signals and throws the error through
+code that cannot unwind, and the process dies in ``std::terminate`` (a segfault, before this module);
+inside a garbage-collection callback Python prints "Exception ignored" and tuning goes on for an hour.
+So during tuning SIGINT only sets a flag, except while the main thread waits in the Python builder or
+runner: there it raises at once.  Raising from Python that C++ called is safe (TVM hands the error back
+through ``tune_tasks`` as a bare ``RuntimeError``, which the tuner turns back into ``KeyboardInterrupt``),
+so the flag is checked at every such call: builder, runner, each cost-model prediction (every few
+seconds of search) and each measured batch, after its records are in the database.  A second Ctrl-C
+while the first waits for one of those exits at once: the records of finished batches are on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.builder import Builder, BuilderInput, BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.cost_model import CostModel, PyCostModel
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.runner import PyRunner, Runner, RunnerFuture, RunnerInput
+
+SIGINT_EXIT = 130  # the shell's status for a process ended by SIGINT
+
+
+class Interrupt:
+    """Whether SIGINT arrived while :meth:`catching` was active."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._raise_here = 0  # > 0 while the main thread is in Python code that may raise
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested and not self._raise_here:
+            sys.stderr.write("\ntvmlayers tune: interrupted twice; stopping now\n")
+            os._exit(SIGINT_EXIT)
+        self.requested = True
+        if self._raise_here:
+            raise KeyboardInterrupt
+        sys.stderr.write("\ntvmlayers tune: stopping at the end of this search step (Ctrl-C again: now)\n")
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[Interrupt]:
+        """Install the handler (main thread only; elsewhere Python's own handling stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        except BaseException:
+            if self.requested:
+                raise KeyboardInterrupt from None  # whatever the interrupt became on its way through C++
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.check()  # tuning ended although its interrupt was swallowed: stop before re-timing
+
+    @contextlib.contextmanager
+    def raising(self) -> Iterator[None]:
+        """A region of plain Python (no C++ below it on the stack to unwind through) where SIGINT raises."""
+        self.check()
+        self._raise_here += 1
+        try:
+            yield
+        finally:
+            self._raise_here -= 1
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@derived_object
+class InterruptibleBuilder(PyBuilder):
+    def __init__(self, builder: Builder, interrupt: Interrupt) -> None:
+        super().__init__()
+        self.builder = builder
+        self.interrupt = interrupt
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        with self.interrupt.raising():
+            return self.builder.build(build_inputs)
+
+
+@derived_object
+class InterruptibleRunner(PyRunner):
+    def __init__(self, runner: Runner, interrupt: Interrupt) -> None:
+        super().__init__()
+        self.runner = runner
+        self.interrupt = interrupt
+
+    def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
+        with self.interrupt.raising():  # the local runner measures here; an RPC runner only submits
+            return self.runner.run(runner_inputs)
+
+
+@derived_object
+class InterruptibleCostModel(PyCostModel):
+    """Checks the flag each time the search asks for predictions (every few seconds of the C++ search).
+
+    Only a check on entry: a prediction calls back into C++ (feature extraction), so SIGINT must not
+    raise in the middle of one."""
+
+    def __init__(self, model: CostModel, interrupt: Interrupt) -> None:
+        super().__init__()
+        self.model = model
+        self.interrupt = interrupt
+
+    def load(self, path: str) -> None:
+        self.model.load(path)
+
+    def save(self, path: str) -> None:
+        self.model.save(path)
+
+    def update(self, context, candidates, results) -> None:
+        self.model.update(context, candidates, results)
+
+    def predict(self, context, candidates):
+        self.interrupt.check()
+        return self.model.predict(context, candidates)
+
+
+@derived_object
+class InterruptCallback(PyMeasureCallback):
+    """Stops tuning after a measured batch (its records already added) when an interrupt is pending."""
+
+    def __init__(self, interrupt: Interrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        self.interrupt.check()
