@@ -54,4 +54,7 @@ def weight_layout(spec: KernelSpec) -> dict:
         if in_per_group == 1:  # depthwise: vectorize along the output row instead
             return {"weight_block": 1}
         out_channels //= spec["groups"]
-    return {"weight_block": _block_size(out_channels, lanes)}
+    block = _block_size(out_channels, lanes)
+    if spec.op == "linear" and block < lanes // 2 and in_per_group % lanes == 0:
+        return {"weight_block": 1}  # a narrow block wastes most of each register: dot products instead
+    return {"weight_block": block}

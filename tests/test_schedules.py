@@ -31,6 +31,16 @@ def test_weight_layout_follows_the_vector_width() -> None:
     assert weight_layout(KernelSpec.make("relu", (8,), "float32", HOST)) == {}
 
 
+def test_a_linear_with_few_outputs_is_dot_products_in_torchs_layout() -> None:
+    head = KernelSpec.make("linear", (1, 2048), "float32", HOST, bias=True, weight_shape=(10, 2048))
+    assert weight_layout(head) == {"weight_block": 1}  # 10 features would fill 2 of the 16 lanes
+    assert default_schedule(ops.prim_func(head, weight_layout(head)), HOST)[1] == "x86.linear_dot"
+    fc = KernelSpec.make("linear", (1, 512), "float32", HOST, bias=True, weight_shape=(1000, 512))
+    assert weight_layout(fc)["weight_block"] > 1  # 1000 = 125 blocks of 8: blocks stay
+    odd = KernelSpec.make("linear", (2, 20), "float32", HOST, bias=True, weight_shape=(10, 20))
+    assert default_schedule(ops.prim_func(odd, weight_layout(odd)), HOST)[1] == "x86.linear_blocked"
+
+
 @pytest.mark.parametrize("rule", [X86Conv2dBlocked(), X86Conv2dSpatial()], ids=lambda r: r.name)
 def test_tunable_conv_rule_is_a_valid_search_space(rule) -> None:
     spec = _conv_spec(32)

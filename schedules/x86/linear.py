@@ -1,8 +1,13 @@
-"""x86 linear schedule: a register tile of ``rows`` input rows times ``blocks`` SIMD vectors of output
-features accumulates while the reduction streams the packed weight panels ``(in_features, block)``.
+"""x86 linear schedules.
 
-Several independent accumulators matter even for one row (a GEMV such as a classifier head): with a
-single vector every FMA waits for the previous one.
+``X86Linear``: a register tile of ``rows`` input rows times ``blocks`` SIMD vectors of output features
+accumulates while the reduction streams the packed weight panels ``(in_features, block)``.  Several
+independent accumulators matter even for one row: with a single vector every FMA waits for the previous one.
+
+``X86LinearDot``: for few output features (a classifier head: 2048 -> 10) a block of output features
+fills a fraction of a register, so the weight stays in torch's layout (``weight_block`` 1) and each
+output is a dot product vectorized along ``in_features``: one vector of partial sums per output, up to
+``MAX_DOT_OUTPUTS`` outputs at a time as independent FMA chains, summed across lanes at the end.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
-from ..rule import inner_loops, largest_divisor, op_of, register_tile_limit
+from ..rule import inner_loops, input_dtype, largest_divisor, op_of, register_tile_limit, vector_lanes
 
 MAX_TILE_ROWS = 8
 MAX_TILE_BLOCKS = 8
+MAX_DOT_OUTPUTS = 10  # vectors of partial sums in flight: enough FMA chains, well inside 16/32 registers
 # Below this many multiply-adds the kernel takes about as long as waking the thread pool (~2 us)
 PARALLEL_MIN_MACS = 1 << 18
 
@@ -52,4 +58,31 @@ class X86Linear:
         sch.unroll(loops["row"])
         sch.unroll(loops["blocks"])
         sch.decompose_reduction(acc, loops["k"])
+        return sch
+
+
+class X86LinearDot:
+    name = "x86.linear_dot"
+
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
+        if op_of(func) != "linear":
+            return None
+        sch = Schedule(func)
+        acc = sch.get_sblock("linear_blocked")
+        rows, out_features, block, in_features = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
+        lanes = vector_lanes(target, input_dtype(func))
+        if block != 1 or in_features % lanes:  # a tail of the reduction would need a predicate per vector
+            return None
+        row, _, _, k = sch.get_loops(acc)
+        _, lane = sch.split(k, [None, lanes])
+        partial = sch.rfactor(lane, factor_axis=0)  # partial[lane, row, o, 0]: one vector per output
+        # per row: the partial sums shrink to one row's, and stay in registers
+        sch.compute_at(partial, row, preserve_unit_loops=True)
+        loops = inner_loops(sch, partial, 1, ["lane", "row", "out", "feature", "k"])
+        out_outer, out_inner = sch.split(loops["out"], [None, largest_divisor(out_features, MAX_DOT_OUTPUTS)])
+        sch.reorder(out_outer, loops["k"], out_inner, loops["lane"])
+        sch.vectorize(loops["lane"])
+        sch.unroll(out_inner)
+        if rows > 1 and rows * out_features * in_features >= PARALLEL_MIN_MACS:
+            sch.parallel(row)
         return sch
