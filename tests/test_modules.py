@@ -99,7 +99,10 @@ def test_kernels_record_provenance_per_input_shape() -> None:
     conv = tl.Conv2d(16, 32, 3, padding=1)
     conv(torch.randn(1, 16, 8, 8))
     conv(torch.randn(2, 16, 6, 6))
-    assert set(conv.kernels) == {(1, 16, 8, 8), (2, 16, 6, 6)}
+    conv(torch.randn(16, 8, 8))  # unbatched: the batch-1 kernel again, recorded under its own shape
+    conv(torch.randn(1, 16, 8, 8))
+    assert set(conv.kernels) == {(1, 16, 8, 8), (2, 16, 6, 6), (16, 8, 8)}
+    assert conv.kernels[(16, 8, 8)] is conv.kernels[(1, 16, 8, 8)]
     for kernel in conv.kernels.values():
         assert kernel.provenance == {"source": "default", "rule": "x86.conv2d_blocked"}
         assert kernel.spec.op == "conv2d" and kernel.path.exists()

@@ -31,7 +31,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _PLAN_CACHE = 4096
 
 
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
+    """How calls with one set of argument facts run: memoized per (shapes, dtypes, devices, parameters,
+    target), so the same object comes back for every such call (the modules rely on that identity)."""
+
     kernel: Kernel | None  # None: the result is empty and no kernel runs
     out_shape: tuple[int, ...]  # of the first output, in the caller's (unbatched or batched) rank
     # Views between the caller's shapes and the kernel's, None where they already agree (the usual
@@ -95,10 +98,10 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return {torch.float32: "Float", torch.float64: "Double"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...]) -> _Plan:
+def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...]) -> Plan:
     """The plan of a call whose first tensor has the facts ``input`` (shape, dtype, device)."""
     if spec is None:
-        return _Plan(None, out_shape, None, None)
+        return Plan(None, out_shape, None, None)
     in_shape, dtype, device = tuple(input[0]), input[1], input[2]
     kernel = kernel_for(spec)
     in_view = spec.input_shape if spec.input_shape != in_shape else None
@@ -109,7 +112,7 @@ def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...]) -> 
         torch.empty((), dtype=dtypes[min(i, 1)], device=device).expand(shape)
         for i, shape in enumerate(kernel.output_shapes)
     )
-    return _Plan(kernel, out_shape, in_view, out_view, templates)
+    return Plan(kernel, out_shape, in_view, out_view, templates)
 
 
 def _hashable(value: object) -> object:
@@ -117,14 +120,14 @@ def _hashable(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _kernel_input(input: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _kernel_input(input: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``input`` as the kernel sees it: contiguous, batched/flattened to the spec's shape (a view if possible).
     No ``detach``: TVM reads the memory and the outputs carry no autograd history anyway."""
     input = input.contiguous()
     return input if plan.in_view is None else input.view(plan.in_view)
 
 
-def _caller_view(output: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _caller_view(output: torch.Tensor, plan: Plan) -> torch.Tensor:
     return output if plan.out_view is None else output.view(plan.out_view)
 
 
@@ -132,7 +135,7 @@ def _caller_view(output: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _conv2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> _Plan:
+def _conv2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> Plan:
     dtype = _check_types("conv2d", tensors, target)
     shapes = _shapes(tensors)
     return _plan(tensors[0], *layer_specs.conv2d_spec(*shapes, dtype, target, *params))
@@ -156,12 +159,10 @@ def conv2d(
     ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does;
     ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel.
     """
-    return conv2d_with_kernel(input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu)[
-        0
-    ]
+    return conv2d_with_plan(input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu)[0]
 
 
-def conv2d_with_kernel(
+def conv2d_with_plan(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -172,9 +173,8 @@ def conv2d_with_kernel(
     padding_mode: str,
     target: TargetLike,
     fuse_relu: bool = False,
-) -> tuple[torch.Tensor, Kernel | None]:
-    """``conv2d`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
-    (None when nothing ran)."""
+) -> tuple[torch.Tensor, Plan]:
+    """``conv2d`` (followed by relu in the same kernel with ``fuse_relu``) and the plan that computed it."""
     tensors = (_facts("conv2d", 0, input), _facts("conv2d", 1, weight), _facts("conv2d", 2, bias))
     plan = _conv2d_plan(
         tensors,
@@ -187,11 +187,11 @@ def conv2d_with_kernel(
         bool(fuse_relu),
     )
     if plan.kernel is None:
-        return input.new_empty(plan.out_shape), None
-    return _run_with_weight(plan, input, weight, bias), plan.kernel
+        return input.new_empty(plan.out_shape), plan
+    return _run_with_weight(plan, input, weight, bias), plan
 
 
-def _run_with_weight(plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _run_with_weight(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version."""
     kernel = plan.kernel
     out = torch.empty_like(plan.out_templates[0])
@@ -206,7 +206,7 @@ def _run_with_weight(plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bia
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _max_pool2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> _Plan:
+def _max_pool2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> Plan:
     dtype = _check_types("max_pool2d", tensors, target)
     (in_shape,) = _shapes(tensors)
     return _plan(tensors[0], *layer_specs.max_pool2d_spec(in_shape, dtype, target, *params))
@@ -227,13 +227,11 @@ def max_pool2d(
 
     With ``return_indices`` also returns int64 indices into each flattened H*W input plane.
     """
-    outputs, _ = max_pool2d_with_kernel(
-        input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, target
-    )
+    outputs, _ = max_pool2d_with_plan(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, target)
     return (outputs[0], outputs[1]) if return_indices else outputs[0]
 
 
-def max_pool2d_with_kernel(
+def max_pool2d_with_plan(
     input: torch.Tensor,
     kernel_size: object,
     stride: object,
@@ -242,8 +240,8 @@ def max_pool2d_with_kernel(
     ceil_mode: bool,
     return_indices: bool,
     target: TargetLike,
-) -> tuple[list[torch.Tensor], Kernel | None]:
-    """[values] or [values, indices], and the kernel that computed them (None when nothing ran)."""
+) -> tuple[list[torch.Tensor], Plan]:
+    """[values] or [values, indices], and the plan that computed them."""
     plan = _max_pool2d_plan(
         (_facts("max_pool2d", 0, input),),
         resolve_target(target),
@@ -260,14 +258,14 @@ def max_pool2d_with_kernel(
         outputs = [torch.empty_like(template) for template in plan.out_templates]
         plan.kernel.function(_kernel_input(input, plan), *outputs)
         outputs = [_caller_view(o, plan) for o in outputs]
-    return outputs[: 2 if return_indices else 1], plan.kernel
+    return outputs[: 2 if return_indices else 1], plan
 
 
 # ---------------------------------------------------------------------------------------------- linear
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _linear_plan(tensors: tuple, target: tvm.target.Target, relu: bool) -> _Plan:
+def _linear_plan(tensors: tuple, target: tvm.target.Target, relu: bool) -> Plan:
     dtype = _check_types("linear", tensors, target)
     shapes = _shapes(tensors)
     return _plan(tensors[0], *layer_specs.linear_spec(*shapes, dtype, target, relu))
@@ -285,29 +283,28 @@ def linear(
 
     ``fuse_relu=True`` computes ``relu(linear(...))`` in one kernel.
     """
-    return linear_with_kernel(input, weight, bias, target, fuse_relu)[0]
+    return linear_with_plan(input, weight, bias, target, fuse_relu)[0]
 
 
-def linear_with_kernel(
+def linear_with_plan(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: TargetLike, fuse_relu: bool = False
-) -> tuple[torch.Tensor, Kernel | None]:
-    """``linear`` (followed by relu in the same kernel with ``fuse_relu``) and the kernel that computed it
-    (None when nothing ran)."""
+) -> tuple[torch.Tensor, Plan]:
+    """``linear`` (followed by relu in the same kernel with ``fuse_relu``) and the plan that computed it."""
     tensors = (_facts("linear", 0, input), _facts("linear", 1, weight), _facts("linear", 2, bias))
     plan = _linear_plan(tensors, resolve_target(target), bool(fuse_relu))
     if plan.kernel is None:
         # an empty product: torch's result is empty, or just the (broadcast) bias
         out = input.new_zeros(plan.out_shape)
         out = out + bias.detach() if bias is not None else out
-        return (torch.relu(out) if fuse_relu else out), None
-    return _run_with_weight(plan, input, weight, bias), plan.kernel
+        return (torch.relu(out) if fuse_relu else out), plan
+    return _run_with_weight(plan, input, weight, bias), plan
 
 
 # ------------------------------------------------------------------------------------------------ relu
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _relu_plan(tensors: tuple, target: tvm.target.Target) -> _Plan:
+def _relu_plan(tensors: tuple, target: tvm.target.Target) -> Plan:
     dtype = _check_types("relu", tensors, target)
     (in_shape,) = _shapes(tensors)
     return _plan(tensors[0], *layer_specs.relu_spec(in_shape, dtype, target))
@@ -315,27 +312,27 @@ def _relu_plan(tensors: tuple, target: tvm.target.Target) -> _Plan:
 
 def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = None) -> torch.Tensor:
     """max(0, x) elementwise; with ``inplace=True`` the result is written into ``input``, which is returned."""
-    return relu_with_kernel(input, inplace, target)[0]
+    return relu_with_plan(input, inplace, target)[0]
 
 
-def relu_with_kernel(input: torch.Tensor, inplace: bool, target: TargetLike) -> tuple[torch.Tensor, Kernel | None]:
-    """``relu`` and the kernel that computed it (None when nothing ran)."""
+def relu_with_plan(input: torch.Tensor, inplace: bool, target: TargetLike) -> tuple[torch.Tensor, Plan]:
+    """``relu`` and the plan that computed it."""
     plan = _relu_plan((_facts("relu", 0, input),), resolve_target(target))
     kernel = plan.kernel
     if kernel is None:
-        return (input if inplace else input.clone()), None
+        return (input if inplace else input.clone()), plan
     if input.is_contiguous():
         source = input if plan.in_view is None else input.view(plan.in_view)
         if inplace:
             kernel.function(source, source)  # elementwise, each element read before it is written: aliasing is safe
-            return input, kernel
+            return input, plan
         out = torch.empty_like(source)
         kernel.function(source, out)
-        return _caller_view(out, plan), kernel
+        return _caller_view(out, plan), plan
     # a strided view: compute on a contiguous copy, in place since the copy is ours
     result = _kernel_input(input.detach(), plan)
     kernel.function(result, result)
     if inplace:
         input.detach().copy_(_caller_view(result, plan))
-        return input, kernel
-    return _caller_view(result, plan), kernel
+        return input, plan
+    return _caller_view(result, plan), plan

@@ -29,8 +29,8 @@ class ReLU(CompiledLayer):
         self._init_compiled(target)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out, kernel = F.relu_with_kernel(input, self.inplace, target=self.target)
-        self._remember(input, kernel)
+        out, plan = F.relu_with_plan(input, self.inplace, target=self.target)
+        self._remember(input, plan)
         return out
 
     def extra_repr(self) -> str:

@@ -90,7 +90,7 @@ class Conv2d(CompiledLayer):
         self._init_parameters((out_channels, in_channels // groups, *kernel_size_), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out, kernel = F.conv2d_with_kernel(
+        out, plan = F.conv2d_with_plan(
             input,
             self.weight,
             self.bias,
@@ -102,7 +102,7 @@ class Conv2d(CompiledLayer):
             target=self.target,
             fuse_relu=self._fuse_relu,
         )
-        self._remember(input, kernel)
+        self._remember(input, plan)
         return out
 
     def extra_repr(self) -> str:

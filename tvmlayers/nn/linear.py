@@ -57,8 +57,8 @@ class Linear(CompiledLayer):
         self._init_parameters((out_features, in_features), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out, kernel = F.linear_with_kernel(input, self.weight, self.bias, self.target, self._fuse_relu)
-        self._remember(input, kernel)
+        out, plan = F.linear_with_plan(input, self.weight, self.bias, self.target, self._fuse_relu)
+        self._remember(input, plan)
         return out
 
     def extra_repr(self) -> str:

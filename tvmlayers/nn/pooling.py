@@ -56,7 +56,7 @@ class MaxPool2d(CompiledLayer):
         self._init_compiled(target)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        outputs, kernel = F.max_pool2d_with_kernel(
+        outputs, plan = F.max_pool2d_with_plan(
             input,
             self.kernel_size,
             self.stride,
@@ -66,7 +66,7 @@ class MaxPool2d(CompiledLayer):
             self.return_indices,
             target=self.target,
         )
-        self._remember(input, kernel)
+        self._remember(input, plan)
         return (outputs[0], outputs[1]) if self.return_indices else outputs[0]
 
     def extra_repr(self) -> str:
