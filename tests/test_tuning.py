@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,12 @@ def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
     ]
     # its own process group, so that SIGINT reaches the build/run workers as well, as Ctrl-C in a terminal does
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_foreground_sigint,
     )
     records = _log(tmp_path / "logs").directory / RECORD_FILE
     deadline = time.monotonic() + 240
@@ -150,7 +156,19 @@ def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
     assert kept < result.trials <= kept + 8, "resumed: only the missing trials were run"
 
 
-def test_ctrl_c_raises_only_where_python_can_unwind() -> None:
+def _foreground_sigint() -> None:
+    """SIGINT as in a terminal's foreground job: a test run started in the background ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive run
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_raises_only_where_python_can_unwind(python_sigint: None) -> None:
     # A KeyboardInterrupt thrown inside MetaSchedule's C++ ended in std::terminate (a segfault) in most
     # Ctrl-C's; one landing in a garbage-collection callback was dropped and tuning went on.
     interrupt = Interrupt()
@@ -165,6 +183,9 @@ def test_ctrl_c_raises_only_where_python_can_unwind() -> None:
     with pytest.raises(KeyboardInterrupt), waiting.catching(), waiting.raising():
         signal.raise_signal(signal.SIGINT)  # waiting in the Python builder/runner: raises at once
         pytest.fail("not interrupted")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
+    with Interrupt().catching():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_corrupt_line_is_reported_and_skipped(tuned_log: Path, tmp_path: Path) -> None:

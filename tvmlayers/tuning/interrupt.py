@@ -48,8 +48,10 @@ class Interrupt:
 
     @contextlib.contextmanager
     def catching(self) -> Iterator[Interrupt]:
-        """Install the handler (main thread only; elsewhere Python's own handling stays)."""
-        if threading.current_thread() is not threading.main_thread():
+        """Install the handler: only in the main thread (signals go there), and not where SIGINT is
+        ignored (a job started in the background by a shell: Ctrl-C is not meant for it)."""
+        main = threading.current_thread() is threading.main_thread()
+        if not main or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield self
             return
         previous = signal.signal(signal.SIGINT, self._handler)
