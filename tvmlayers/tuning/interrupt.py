@@ -67,7 +67,8 @@ class Interrupt:
 
     @contextlib.contextmanager
     def raising(self) -> Iterator[None]:
-        """A region of plain Python (no C++ below it on the stack to unwind through) where SIGINT raises."""
+        """A region of Python that C++ called through the FFI, which turns an exception into an error
+        return (unlike TVM's signal checks deep inside its C++), so SIGINT may raise here."""
         self.check()
         self._raise_here += 1
         try:
