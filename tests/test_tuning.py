@@ -120,8 +120,12 @@ def test_a_second_tuner_on_the_same_log_is_refused(tmp_path: Path) -> None:
 def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
     workload_file = tmp_path / "tiny.toml"
     save_workloads([Workload.from_spec(CONV)], workload_file, name="tiny")
-    command = [
-        str(Path(sys.executable).with_name("tvmlayers")),
+    command = [  # the CLI, with SIGINT handled as in a terminal's foreground job even when this test
+        # run was started in the background, where SIGINT is ignored and children inherit that
+        sys.executable,
+        "-c",
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from tvmlayers.cli import main; sys.exit(main(sys.argv[1:]))",
         "tune",
         str(workload_file),
         "--trials",
@@ -138,7 +142,6 @@ def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        preexec_fn=_foreground_sigint,
     )
     records = _log(tmp_path / "logs").directory / RECORD_FILE
     deadline = time.monotonic() + 240
@@ -154,11 +157,6 @@ def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:
         str(workload_file), HOST, trials=kept + 4, log_dir=tmp_path / "logs", trials_per_iter=4, progress=False
     )
     assert kept < result.trials <= kept + 8, "resumed: only the missing trials were run"
-
-
-def _foreground_sigint() -> None:
-    """SIGINT as in a terminal's foreground job: a test run started in the background ignores it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
