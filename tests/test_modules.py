@@ -201,3 +201,5 @@ def test_fused_functional_matches_torch() -> None:
     assert_matches_torch(tl.functional.conv2d(x, w, b, padding=1, fuse_relu=True), expected)
     x, w = torch.randn(5, 24), torch.randn(40, 24)
     assert_matches_torch(tl.functional.linear(x, w, fuse_relu=True), torch.relu(x @ w.T))
+    x, w, b = torch.randn(3, 64), torch.randn(6, 64), torch.randn(6)  # few outputs: the dot-product rule
+    assert_matches_torch(tl.functional.linear(x, w, b, fuse_relu=True), torch.relu(x @ w.T + b))
