@@ -53,6 +53,11 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def block_extents(sch: Schedule, name: str) -> list[int]:
+    """The extent of each iteration dimension of block ``name``, in the order of its compute."""
+    return [int(v.dom.extent) for v in sch.get(sch.get_sblock(name)).iter_vars]
+
+
 def has_block(sch: Schedule, name: str) -> bool:
     try:
         sch.get_sblock(name)

@@ -17,6 +17,7 @@ import tvm
 from tvm.s_tir import Schedule
 
 from ..rule import (
+    block_extents,
     conv_accumulator_limit,
     has_block,
     inner_loops,
@@ -49,10 +50,6 @@ def _channel_register_tile(out_width: int, out_blocks: int, limit: int) -> tuple
     return (7 if out_width % 7 == 0 and columns >= 7 else _row_tile(out_width, columns)), vectors
 
 
-def _extents(sch: Schedule, block_name: str) -> list[int]:
-    return [int(v.dom.extent) for v in sch.get(sch.get_sblock(block_name)).iter_vars]
-
-
 def _column_stride(sch: Schedule) -> int:
     """The conv's horizontal stride, read off its input index ``x * stride + j * dilation``."""
     conv = sch.get(sch.get_sblock("conv_blocked"))
@@ -74,7 +71,7 @@ def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_p
     ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
     input first.  ``sch`` is the unscheduled kernel the rule has inspected."""
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
-    out_blocks, _, out_width, block = _extents(sch, "conv_blocked")[1:5]
+    out_blocks, _, out_width, block = block_extents(sch, "conv_blocked")[1:5]
     n, o, y, x = sch.get_loops(out)
     oo, oi = sch.split(o, [None, block])
     if vector_inner == "channel":
@@ -133,7 +130,7 @@ class X86Conv2dBlocked:
         # 13 MB): padded a row at a time it stays in cache, 15% faster there, slower on small inputs.
         sch = Schedule(func)
         itemsize = tvm.DataType(input_dtype(func)).bits // 8
-        padded = math.prod(_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
+        padded = math.prod(block_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
         pad_per_row = padded > ROW_PAD_MIN_BYTES
         return _schedule(sch, conv_accumulator_limit(target), tunable, "channel", pad_per_row)
 

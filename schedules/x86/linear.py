@@ -15,7 +15,15 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
-from ..rule import inner_loops, input_dtype, largest_divisor, op_of, register_tile_limit, vector_lanes
+from ..rule import (
+    block_extents,
+    inner_loops,
+    input_dtype,
+    largest_divisor,
+    op_of,
+    register_tile_limit,
+    vector_lanes,
+)
 
 MAX_TILE_ROWS = 8
 MAX_TILE_BLOCKS = 8
@@ -32,7 +40,7 @@ class X86Linear:
             return None
         sch = Schedule(func)
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
-        rows, out_blocks, block, in_features = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
+        rows, out_blocks, block, in_features = block_extents(sch, "linear_blocked")
         limit = register_tile_limit(target)
         m, n = sch.get_loops(out)
         no, ni = sch.split(n, [None, block])
@@ -69,7 +77,7 @@ class X86LinearDot:
             return None
         sch = Schedule(func)
         acc = sch.get_sblock("linear_blocked")
-        rows, out_features, block, in_features = (int(v.dom.extent) for v in sch.get(acc).iter_vars)
+        rows, out_features, block, in_features = block_extents(sch, "linear_blocked")
         lanes = vector_lanes(target, input_dtype(func))
         if block != 1 or in_features % lanes:  # a tail of the reduction would need a predicate per vector
             return None

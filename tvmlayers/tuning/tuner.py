@@ -287,12 +287,14 @@ def _run(
         ProgressCallback(progress),
         InterruptCallback(interrupt),
     ]
-    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin)
-    builder, runner = (
-        InterruptibleBuilder(builder, interrupt),
-        InterruptibleRunner(_runner(rpc_tracker, rpc_key, timeout), interrupt),
+    # builder, runner and cost model are what MetaSchedule's C++ calls back into: each checks for Ctrl-C
+    builder = InterruptibleBuilder(
+        ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin), interrupt
     )
-    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto")
+    runner = InterruptibleRunner(_runner(rpc_tracker, rpc_key, timeout), interrupt)
+    cost_model = InterruptibleCostModel(
+        ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto"), interrupt
+    )
     before = sum(len(log.records(t.hash)) for t in tasks)
     with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir, interrupt.catching():
         try:
@@ -306,7 +308,7 @@ def _run(
                 builder=builder,
                 runner=runner,
                 database=database,
-                cost_model=InterruptibleCostModel(cost_model, interrupt),
+                cost_model=cost_model,
                 measure_callbacks=callbacks,
             )
         finally:
