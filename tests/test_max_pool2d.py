@@ -100,3 +100,20 @@ def test_module_returns_indices_usable_by_max_unpool() -> None:
     values, indices = tl.MaxPool2d(2, return_indices=True)(x)
     expected = F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2)
     assert torch.equal(F.max_unpool2d(values, indices, 2), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_a_window_of_minus_inf_gives_minus_inf(dtype: torch.dtype, return_indices: bool) -> None:
+    # the reduction once started from the lowest finite value: -3.4e38 (float64: -1.8e308) came out
+    x = torch.randn(1, 2, 7, 7, dtype=dtype)
+    x[0, 0] = float("-inf")  # every window of this plane, padded ones included
+    x[0, 1, :3, :3] = float("-inf")  # only the first window
+    args = (3, 2, 1, 1, True)
+    expected = F.max_pool2d(x, *args, return_indices=return_indices)
+    actual = tf.max_pool2d(x, *args, return_indices=return_indices)
+    if return_indices:
+        assert torch.equal(actual[1], expected[1])
+        actual, expected = actual[0], expected[0]
+    assert torch.equal(actual, expected)
+    assert actual[0, 0].eq(float("-inf")).all() and actual[0, 1, 0, 0] == float("-inf")

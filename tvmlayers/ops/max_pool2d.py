@@ -2,13 +2,19 @@
 
 Windows read the input directly: a position outside the input counts as -inf and never wins.  The argmax
 reducer reproduces torch's CPU kernel exactly: the first maximum in row-major window order wins, a NaN
-wins over everything and propagates, and the index is ``y * W + x`` within the input plane.
+wins over everything and propagates, and the index is ``y * W + x`` within the input plane.  Both start
+from -inf, not from the lowest finite value, so a window of -inf inputs gives -inf (and, like torch, the
+index of its first position inside the input).
 """
 
 from __future__ import annotations
 
-import tvm
 from tvm import te, tirx
+
+
+def _minus_infinity(dtype: str) -> tirx.PrimExpr:
+    # te.min_value is the lowest *finite* float: a window of -inf inputs would come out as -3.4e38
+    return tirx.const(float("-inf"), dtype)
 
 
 def _argmax_reducer():
@@ -22,7 +28,7 @@ def _argmax_reducer():
         return tirx.Select(take_new, new_index, acc_index), tirx.Select(take_new, new_value, acc_value)
 
     def identity(index_dtype, value_dtype):
-        return tirx.const(-1, index_dtype), tvm.te.min_value(value_dtype)
+        return tirx.const(-1, index_dtype), _minus_infinity(value_dtype)
 
     return te.comm_reducer(combine, identity, name="torch_argmax")
 
@@ -32,7 +38,7 @@ def _max_reducer():
     def combine(acc, new):
         return tirx.Select(tirx.Or(new > acc, tirx.isnan(new)), new, acc)
 
-    return te.comm_reducer(combine, lambda dtype: tvm.te.min_value(dtype), name="torch_max")
+    return te.comm_reducer(combine, _minus_infinity, name="torch_max")
 
 
 def max_pool2d_compute(
@@ -48,7 +54,7 @@ def max_pool2d_compute(
     n, c, h, w = (int(d) for d in data.shape)
     i = te.reduce_axis((0, kernel_size[0]), name="i")
     j = te.reduce_axis((0, kernel_size[1]), name="j")
-    lowest = tvm.te.min_value(data.dtype)
+    lowest = _minus_infinity(data.dtype)
 
     def window(y, x):
         row = y * stride[0] - padding[0] + i * dilation[0]
