@@ -77,13 +77,15 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
 
 def _warn_untuned(spec: KernelSpec, cache_root: Path) -> None:
     global _warned_untuned
-    path = note_untuned(spec, cache_root)
+    path = note_untuned(spec, cache_root)  # None when the list could not be updated (it said why)
     if not _warned_untuned:
         _warned_untuned = True
+        listed = (
+            f" Layers run without a record are listed in {path}; tune them with: tvmlayers tune {path}" if path else ""
+        )
         warnings.warn(
             f"tvmlayers: no tuning record for {spec.describe()} on {target_key(spec.target)}; using the default "
-            f"schedule. Layers run without a record are listed in {path}; tune them with: "
-            f"tvmlayers tune {path}",
+            f"schedule.{listed}",
             stacklevel=5,
         )
 
@@ -119,8 +121,9 @@ def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
         schedule_id = {"source": "tuned", "record": record.id} if record else {"source": "default"}
         schedule_id["code"] = code_fingerprint()
         key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
+        expect = {"spec": spec.to_json(), "layout": layout}  # an entry made for another spec is never loaded
         try:
-            entry, built = kernel_cache.get_or_build(key, lambda so, r=record: _compile(spec, layout, so, r))
+            entry, built = kernel_cache.get_or_build(key, lambda so, r=record: _compile(spec, layout, so, r), expect)
         except RecordError as wrong:
             log, record = tuned
             log.reject(record, str(wrong))

@@ -3,7 +3,9 @@
 Layout and manifest format: see :mod:`tvmlayers.formats`.  Concurrency: an entry only ever appears by
 ``rename`` of a fully written temporary directory, so readers never see half an entry; builders of the
 same key serialize on an ``flock`` so the kernel is compiled once; a corrupt entry is moved aside (again
-by rename) before it is rebuilt.
+by rename) before it is rebuilt, and the staging or trash folders a killed builder left behind are removed
+by the next builder of that key.  Trust: nothing is read from a folder or file that someone other than the
+user could have written (:mod:`tvmlayers.private_dirs`); such a cache raises ``UntrustedPathError``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from .formats import KERNEL_CACHE_VERSION
+from .formats import KERNEL_CACHE_VERSION, canonical_json
 from .locks import file_lock
+from .private_dirs import UntrustedPathError, check_private, make_private_dirs, open_private
 
 SO_NAME = "kernel.so"
 MANIFEST_NAME = "manifest.json"
@@ -33,12 +37,54 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "tvmlayers"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(f: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def _shape_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(shape, list) and all(isinstance(d, int) for d in shape) for shape in value
+    )
+
+
+# what the loader (tvmlayers.kernel.Kernel.load, `tvmlayers cache ls`) reads from a manifest, and its type
+_MANIFEST_FIELDS = {
+    "format": int,
+    "key": str,
+    "spec": dict,
+    "layout": dict,
+    "provenance": dict,
+    "symbol": str,
+    "output_shapes": list,
+    "so_size": int,
+    "so_sha256": str,
+}
+_SPEC_FIELDS = ("op", "params", "input_shape", "dtype", "target")
+
+
+def _manifest_ok(manifest: object, key: str, expect: dict | None) -> bool:
+    """Whether ``manifest`` has every field the loader needs, with its type, belongs to ``key`` and, when
+    ``expect`` is given, holds exactly those values (the requested spec and layout)."""
+    if not isinstance(manifest, dict):
+        return False
+    if not all(isinstance(manifest.get(name), kind) for name, kind in _MANIFEST_FIELDS.items()):
+        return False
+    if not (_shape_list(manifest["output_shapes"]) and isinstance(manifest["provenance"].get("source"), str)):
+        return False
+    if not all(name in manifest["spec"] for name in _SPEC_FIELDS):
+        return False
+    if manifest["format"] != KERNEL_CACHE_VERSION or manifest["key"] != key:
+        return False
+    # canonical JSON: the manifest went through JSON (lists), the requested values may hold tuples
+    return all(canonical_json(manifest.get(name)) == canonical_json(value) for name, value in (expect or {}).items())
 
 
 @dataclass(frozen=True)
@@ -64,36 +110,58 @@ class KernelCache:
         return self.kernels_dir / key[:2] / key
 
     # ---------------------------------------------------------------------------------------- reading
-    def _verified(self, directory: Path) -> CacheEntry | None:
-        """The entry if its manifest parses and its library matches the recorded size and hash."""
+    def _check_folders(self, *inside: Path) -> bool:
+        """Check the cache root (followed if it is a link: the user may keep the cache elsewhere), then each
+        of ``inside`` (never followed), outermost first; False when one is missing, so there is nothing to
+        load.  Raises ``UntrustedPathError`` for one that someone else could have written."""
         try:
-            manifest = json.loads((directory / MANIFEST_NAME).read_text())
-            so = directory / SO_NAME
-            if (
-                manifest.get("format") == KERNEL_CACHE_VERSION
-                and manifest.get("key") == directory.name
-                and so.stat().st_size == manifest["so_size"]
-                and _sha256(so) == manifest["so_sha256"]
-            ):
-                return CacheEntry(directory.name, directory, manifest)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+            check_private(self.root, os.stat(self.root))
+            for folder in inside:
+                check_private(folder)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _verified(self, directory: Path, expect: dict | None = None) -> CacheEntry | None:
+        """The entry if its manifest is complete (and matches ``expect``) and its library matches the
+        recorded size and hash; None if not.  Its folder has been checked; the files are checked here."""
+        try:
+            with open_private(directory / MANIFEST_NAME) as f:
+                manifest = json.loads(f.read())
+            with open_private(directory / SO_NAME) as f:
+                so_size, so_sha256 = os.fstat(f.fileno()).st_size, _sha256(f)
+        except UntrustedPathError:
+            raise
+        except (OSError, ValueError):
+            return None
+        if _manifest_ok(manifest, directory.name, expect) and (so_size, so_sha256) == (
+            manifest["so_size"],
+            manifest["so_sha256"],
+        ):
+            return CacheEntry(directory.name, directory, manifest)
         return None
 
-    def load(self, key: str) -> CacheEntry | None:
-        """A verified entry, or None; a corrupt entry is moved out of the way so that it gets rebuilt."""
+    def load(self, key: str, expect: dict | None = None) -> CacheEntry | None:
+        """A verified entry, or None; a corrupt entry is moved out of the way so that it gets rebuilt.
+
+        ``expect``: manifest fields the entry must hold exactly (the requested ``spec`` and ``layout``),
+        so that an entry made for anything else is never loaded under this key.
+        """
         directory = self.entry_dir(key)
-        if not directory.exists():
+        if not self._check_folders(self.root / "kernels", self.kernels_dir, directory.parent, directory):
             return None
-        entry = self._verified(directory)
+        entry = self._verified(directory, expect)
         if entry is None:
             self._discard(directory)
         return entry
 
     def entries(self) -> list[CacheEntry]:
+        """Every verified entry; raises ``UntrustedPathError`` as :meth:`load` does."""
+        if not self._check_folders(self.root / "kernels", self.kernels_dir):
+            return []
         found = []
         for directory in sorted(self.kernels_dir.glob("??/*")):
-            if not directory.name.startswith("."):
+            if not directory.name.startswith(".") and self._check_folders(directory.parent, directory):
                 entry = self._verified(directory)
                 if entry is not None:
                     found.append(entry)
@@ -109,33 +177,46 @@ class KernelCache:
             os.rename(directory, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def get_or_build(self, key: str, build: Callable[[Path], dict]) -> tuple[CacheEntry, bool]:
-        """The entry for ``key``, built by ``build(so_path) -> manifest fields`` if missing or corrupt.
+    def _remove_leftovers(self, key: str) -> None:
+        """Staging and trash folders of ``key`` that a killed process left; only called under the key's lock,
+        when no other builder of the key can own one (a reader's trash folder is its own to remove, but
+        removing it here too is harmless)."""
+        shard = self.entry_dir(key).parent
+        for leftover in [*shard.glob(f".tmp-{key}-*"), *shard.glob(f".trash-{key}-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def get_or_build(
+        self, key: str, build: Callable[[Path], dict], expect: dict | None = None
+    ) -> tuple[CacheEntry, bool]:
+        """The entry for ``key``, built by ``build(so_path) -> manifest fields`` if missing or corrupt (or not
+        holding ``expect``'s values, see :meth:`load`).
 
         Returns (entry, built_here).
         """
-        entry = self.load(key)
+        entry = self.load(key, expect)
         if entry is not None:
             return entry, False
+        final = self.entry_dir(key)
+        make_private_dirs(final.parent)
         with self._lock(key):
-            entry = self.load(key)  # another process may have built it while we waited
+            entry = self.load(key, expect)  # another process may have built it while we waited
             if entry is not None:
                 return entry, False
-            final = self.entry_dir(key)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers(key)
             staging = final.with_name(f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex}")
-            staging.mkdir()
+            os.mkdir(staging, 0o700)
             try:
                 so = staging / SO_NAME
                 manifest = dict(build(so))
+                os.chmod(so, 0o600)  # the compiler's mode follows the umask, which may let the group write
                 manifest.update(
                     format=KERNEL_CACHE_VERSION,
                     key=key,
                     created=time.time(),
                     so_size=so.stat().st_size,
-                    so_sha256=_sha256(so),
+                    so_sha256=_sha256_file(so),
                 )
-                with open(staging / MANIFEST_NAME, "w") as f:
+                with open(os.open(staging / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                     json.dump(manifest, f, indent=1, sort_keys=True)
                     f.flush()
                     os.fsync(f.fileno())
@@ -145,8 +226,11 @@ class KernelCache:
             return CacheEntry(key, final, manifest), True
 
     def clear(self) -> int:
-        """Remove every entry (and leftovers of interrupted builds); returns how many kernels went."""
-        count = len(self.entries())
+        """Remove every entry (and leftovers of interrupted builds); returns how many kernels went.
+
+        Checks no ownership: removing loads nothing, and clearing is how an untrusted cache is fixed.
+        """
+        count = sum(1 for d in self.kernels_dir.glob("??/*") if not d.name.startswith("."))
         if self.kernels_dir.exists():
             self._discard(self.kernels_dir)
         return count

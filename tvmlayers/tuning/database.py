@@ -34,6 +34,7 @@ from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..formats import TUNING_LOG_VERSION, canonical_json
 from ..locks import file_lock
+from ..private_dirs import make_private_dirs
 from ..spec import KernelSpec
 from ..targets import target_json, target_key
 
@@ -379,7 +380,7 @@ def merge_logs(sources: list[str | Path], destination: str | Path) -> dict[str, 
             if retimed:
                 meta["retimed"][shash] = {record_id(shash, body[0]): seconds}
         target_dir = destination / key
-        target_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target_dir)
         staged = {
             WORKLOAD_FILE: "".join(workloads[h] + "\n" for h in order),
             RECORD_FILE: "".join(json.dumps([i, best[h][2]]) + "\n" for i, h in enumerate(order)),
