@@ -19,8 +19,21 @@ old binary.  ``manifest.json`` holds::
      "symbol": <function name inside kernel.so>, "tvm_version": ..., "created": <unix time>,
      "so_sha256": <hex digest of kernel.so>, "so_size": <bytes>}
 
-An entry whose manifest is missing, unparsable, of another format, or whose ``kernel.so`` does not
-match ``so_size``/``so_sha256`` is treated as corrupt: it is removed and rebuilt, never loaded.
+An entry whose manifest is missing, unparsable, of another format, lacks a field above (``created`` and
+``tvm_version`` excepted) or has it with another type, holds another ``key``, ``spec`` or ``layout`` than
+the call asked for, or whose ``kernel.so`` does not match ``so_size``/``so_sha256`` is treated as
+corrupt: it is removed and rebuilt, never loaded.  ``<shard>/.tmp-<key>-<pid>-<hex>/`` is a build in
+progress (renamed to ``<key>/`` when done) and ``.trash-<key>-<hex>/`` an entry being removed; those a
+killed process left are removed by the next build of ``<key>`` (under the key's lock) and by
+``tvmlayers cache clear``.  ``<cache>/locks/<key>.lock`` are the builders' lock files and
+``<cache>/untuned/<target key>.toml`` the layers run without a tuning record (a workload file).
+
+Permissions (:mod:`tvmlayers.private_dirs`): the folders tvmlayers creates, here and for the tuning logs,
+are mode 0700 and the entry files 0600.  A kernel is loaded only if the cache root (followed when it is
+a symbolic link), ``kernels/``, ``v<N>/``, the shard, the entry folder, ``kernel.so`` and
+``manifest.json`` are each owned by the user (or root), not writable by group or others, and, below the
+root, not symbolic links; otherwise the call raises ``UntrustedPathError`` (a ``PermissionError``)
+saying which path, what is wrong and how to fix it.  The folders above the cache root are not checked.
 
 Tuning logs (``TUNING_LOG_VERSION``), one MetaSchedule JSON database per target::
 
