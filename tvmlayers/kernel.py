@@ -8,6 +8,7 @@ from typing import Any
 
 import tvm
 
+from . import omp_pool
 from .cache import CacheEntry
 from .ops import SYMBOL
 from .spec import KernelSpec
@@ -31,6 +32,7 @@ class Kernel:
     @classmethod
     def load(cls, spec: KernelSpec, entry: CacheEntry, built_here: bool) -> Kernel:
         module = tvm.runtime.load_module(str(entry.so_path))
+        omp_pool.attach(entry.so_path)  # its parallel loops run on torch's thread pool (see omp_pool)
         manifest = entry.manifest
         return cls(
             spec=spec,
