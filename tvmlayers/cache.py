@@ -124,7 +124,8 @@ class KernelCache:
 
     def _verified(self, directory: Path, expect: dict | None = None) -> CacheEntry | None:
         """The entry if its manifest is complete (and matches ``expect``) and its library matches the
-        recorded size and hash; None if not.  Its folder has been checked; the files are checked here."""
+        recorded size and hash; None if not.  Its folders have been checked, root first, so no one else can
+        swap the files between these checks and the ``dlopen``; the files are checked here, as opened."""
         try:
             with open_private(directory / MANIFEST_NAME) as f:
                 manifest = json.loads(f.read())

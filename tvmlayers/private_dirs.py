@@ -63,12 +63,15 @@ def check_private(path: Path, st: os.stat_result | None = None) -> os.stat_resul
         raise UntrustedPathError(
             path,
             f"is owned by uid {st.st_uid}, not by you (uid {me})",
-            f"remove it (`tvmlayers cache clear`, or `rm -r {path}`), or `chown -R {me} {path}` if it is yours",
+            f"remove it (`rm -r {path}`: tvmlayers rebuilds what it needs), or `chown -R {me} {path}` if it is yours",
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         mode = stat.S_IMODE(st.st_mode)
-        wanted = "chmod 700" if stat.S_ISDIR(st.st_mode) else "chmod go-w"
-        raise UntrustedPathError(path, f"is writable by group or others (mode {mode:04o})", f"`{wanted} {path}`")
+        if st.st_mode & stat.S_ISVTX:  # a shared folder such as /tmp: its mode is not the user's to change
+            fix = f"use a folder of your own inside it (`mkdir -m 700 {path}/<name>`)"
+        else:
+            fix = f"`{'chmod 700' if stat.S_ISDIR(st.st_mode) else 'chmod go-w'} {path}`"
+        raise UntrustedPathError(path, f"is writable by group or others (mode {mode:04o})", fix)
     return st
 
 
