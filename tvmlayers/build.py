@@ -30,6 +30,7 @@ from .tuning.untuned import note_untuned
 _memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
 _warned_untuned = False
+_warned_logs = False
 
 
 @cache
@@ -46,12 +47,21 @@ def code_fingerprint() -> str:
 
 def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningRecord] | None:
     """The fastest non-rejected record for this workload and target, searching the user's logs first."""
+    global _warned_logs
     hash_ = workload_hash(ops.prim_func(spec, layout))
-    for root in log_roots():
-        log = TuningLog.for_target(root, spec.target)
-        record = log.best(hash_)
-        if record is not None:
-            return log, record
+    try:
+        for root in log_roots():
+            log = TuningLog.for_target(root, spec.target)
+            record = log.best(hash_)
+            if record is not None:
+                return log, record
+    except Exception as err:  # noqa: BLE001 - a call never fails because of a tuning log
+        if not _warned_logs:
+            _warned_logs = True
+            warnings.warn(
+                f"tvmlayers: reading the tuning logs failed ({type(err).__name__}: {err}); using the default schedules",
+                stacklevel=5,
+            )
     return None
 
 

@@ -130,10 +130,13 @@ def _logs_ls(args: argparse.Namespace) -> int:
 def _describe_spec(spec_json: dict) -> str:
     from .spec import KernelSpec  # noqa: PLC0415
 
-    params = dict(spec_json["params"])
-    frozen = KernelSpec.make(
-        spec_json["op"], tuple(spec_json["input_shape"]), spec_json["dtype"], resolve_target("host"), **params
-    )
+    try:
+        params = dict(spec_json["params"])
+        frozen = KernelSpec.make(
+            spec_json["op"], tuple(spec_json["input_shape"]), spec_json["dtype"], resolve_target("host"), **params
+        )
+    except (KeyError, TypeError, ValueError):  # a malformed tvmlayers.json entry: listing goes on
+        return f"malformed workload entry {str(spec_json)[:40]}"
     return frozen.describe()
 
 

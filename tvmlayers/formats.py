@@ -50,6 +50,13 @@ Tuning logs (``TUNING_LOG_VERSION``), one MetaSchedule JSON database per target:
 A record id is the first 20 hex digits of the SHA-256 of ``canonical_json([workload hash, trace])``; the
 kernel key of a tuned kernel has ``"schedule": {"source": "tuned", "record": <id>, "code": ...}``.
 
+A record's trace is code (it is compiled into a library this process loads), so every record read from any
+log (shipped, user, merged) must pass the allow-list of :mod:`tvmlayers.tuning.record_check` (instruction
+kinds, annotation keys and value types that our search spaces and MetaSchedule's CPU/CUDA rules produce)
+before it is replayed, compiled, merged or handed to MetaSchedule.  A refused record, and any malformed
+line (not JSON, nested too deep, over 8 MiB, wrong shape, bad target), is reported once per process with
+its file and line, and skipped; a malformed ``tvmlayers.json`` or field reads as empty.
+
 Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning.workloads`.
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport`.
 Environment: ``TVMLAYERS_CACHE_DIR`` (kernel cache), ``TVMLAYERS_TUNING_LOGS`` (user tuning logs),

@@ -11,7 +11,11 @@ Directory layout (format version ``TUNING_LOG_VERSION``; see also :mod:`tvmlayer
                                           {shash: spec JSON}, "rejected": {record id: reason}}
 
 MetaSchedule's database does not key records by target, so tvmlayers keeps one directory per target
-and also checks every record's own target before applying it.  Log roots are searched in order:
+and also checks every record's own target before applying it.  A record is code (its trace is compiled
+into a library this process loads): every record read from a log passes the allow-list of
+:mod:`tvmlayers.tuning.record_check` first.  A log never breaks a caller: a malformed line (bad JSON,
+too deep, over ``MAX_LINE_CHARS``, wrong shape, bad target) or a refused record is reported once per
+process with its file and line, and skipped.  Log roots are searched in order:
 ``log_dir=``/``TVMLAYERS_TUNING_LOGS`` (user), then the ``tuning_logs/`` shipped with the package.
 """
 
@@ -20,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,10 +42,22 @@ from ..locks import file_lock
 from ..private_dirs import make_private_dirs
 from ..spec import KernelSpec
 from ..targets import target_json, target_key
+from .record_check import DisallowedRecord, check_trace
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "tvmlayers.json"
+MAX_LINE_CHARS = 8 << 20  # the largest shipped workload line is about 0.2 MB; anything this long is not ours
+
+# tvmlayers.json fields that are maps (keyed by workload hash or record id), and what each value must be
+_META_MAPS: dict[str, Callable[[object], bool]] = {
+    "workloads": lambda spec: isinstance(spec, dict),
+    "rejected": lambda reason: isinstance(reason, str),
+    "baselines": lambda record: isinstance(record, str),
+    "baseline_code": lambda code: isinstance(code, str),
+    "retimed": lambda times: isinstance(times, dict) and all(type(t) in (int, float) for t in times.values()),
+    "trials": lambda count: type(count) is int,
+}
 
 
 def shipped_log_root() -> Path:
@@ -82,7 +99,82 @@ def record_id(workload: str, trace: list) -> str:
 
 @lru_cache(maxsize=256)
 def _record_target_key(target_text: str) -> str:
-    return target_key(tvm.target.Target(json.loads(target_text)))
+    try:
+        return target_key(tvm.target.Target(json.loads(target_text)))
+    except Exception as err:  # noqa: BLE001 - TVM raises ValueError, InternalError, ... for a bad target
+        raise ValueError(f"its target is not a valid TVM target ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _workload_hashes(directory: Path) -> list[str | None]:
+    """The structural hash of each line of the workload file, None for a malformed line (a record names its
+    workload by position, corrupt lines included)."""
+    path = directory / WORKLOAD_FILE
+    hashes: list[str | None] = []
+    for line, entry in _json_lines(path):
+        ok = _is_workload_entry(entry)
+        if entry is not None and not ok:
+            _warn_corrupt(path, line, ValueError("not a [structural hash, module] line"))
+        hashes.append(entry[0] if ok else None)
+    return hashes
+
+
+def _is_workload_entry(entry: object) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+
+
+def _parse_record(entry: object, hashes: list[str | None]) -> tuple[str, list, float, str]:
+    """(workload hash, trace, mean run seconds, target key) of a record line; raises ValueError (a malformed
+    line) or DisallowedRecord (a trace that is not on the allow-list) saying why not."""
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list) and len(entry[1]) == 4):
+        raise ValueError("not a [workload index, [trace, run seconds, target, arg info]] line")
+    workload, (trace, run_secs, target, args) = entry
+    if type(workload) is not int or not 0 <= workload < len(hashes):
+        raise ValueError(f"workload index {str(workload)[:40]} is not a line of {WORKLOAD_FILE}")
+    if hashes[workload] is None:
+        raise ValueError(f"its workload (line {workload + 1} of {WORKLOAD_FILE}) is corrupt")
+    check_trace(trace)  # before anything else looks at the record
+    if not (isinstance(run_secs, list) and run_secs and all(type(s) in (int, float) for s in run_secs)):
+        raise ValueError("its run seconds are not a list of numbers")
+    seconds = sum(run_secs) / len(run_secs)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"its mean run time {seconds} is not a time")
+    if not isinstance(target, dict):
+        raise ValueError("its target is not a JSON object")
+    valid_args = isinstance(args, list) and all(
+        isinstance(a, list) and len(a) == 3 and a[0] == "TENSOR" and isinstance(a[1], str) and _int_list(a[2])
+        for a in args
+    )
+    if not valid_args:
+        raise ValueError('its arg info is not [["TENSOR", dtype, shape], ...]')
+    return hashes[workload], trace, seconds, _record_target_key(canonical_json(target))
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _records(directory: Path) -> Iterator[tuple[TuningRecord, list]]:
+    """Every well-formed, allowed record of a log directory with its line's body; the others are reported
+    (once per process) and skipped."""
+    hashes = _workload_hashes(directory)
+    path = directory / RECORD_FILE
+    for line, entry in _json_lines(path):
+        if entry is None:
+            continue
+        try:
+            shash, trace, seconds, key = _parse_record(entry, hashes)
+        except DisallowedRecord as err:
+            _warn(path, line, f"refusing a tuning record that is not on the allow-list: {err}")
+            continue
+        except ValueError as err:
+            _warn_corrupt(path, line, err)
+            continue
+        yield TuningRecord(directory, line, shash, trace, seconds, key), entry[1]
 
 
 @dataclass(frozen=True)
@@ -120,6 +212,7 @@ class TuningLog:
     """The tuning log of one target in one log root."""
 
     _indexes: dict[Path, _Index] = {}
+    _rejected_here: dict[Path, set[str]] = {}  # rejections this process could not write into the log
     _lock = threading.Lock()
 
     def __init__(self, directory: str | Path) -> None:
@@ -151,39 +244,35 @@ class TuningLog:
             return index
 
     def _parse(self) -> tuple[dict[str, list[TuningRecord]], dict]:
-        # a record names its workload by position in the workload file, corrupt lines included
-        hashes = [entry[0] if entry is not None else None for _, entry in _json_lines(self.directory / WORKLOAD_FILE)]
         records: dict[str, list[TuningRecord]] = {}
-        for line, entry in _json_lines(self.directory / RECORD_FILE):
-            if entry is None:
-                continue
-            try:
-                workload, (trace, run_secs, target, _) = entry
-                if hashes[workload] is None:
-                    raise ValueError(f"its workload (line {workload + 1} of {WORKLOAD_FILE}) is corrupt")
-                seconds = sum(float(s) for s in run_secs) / len(run_secs)
-                record = TuningRecord(
-                    self.directory, line, hashes[workload], trace, seconds, _record_target_key(canonical_json(target))
-                )
-            except (ValueError, TypeError, IndexError, ZeroDivisionError, tvm.error.TVMError) as err:
-                _warn_corrupt(self.directory / RECORD_FILE, line, err)
-                continue
+        for record, _ in _records(self.directory):
             records.setdefault(record.workload_hash, []).append(record)
         for group in records.values():
             group.sort(key=lambda r: r.seconds)
         return records, self.meta()
 
     def meta(self) -> dict:
+        """``tvmlayers.json``; a malformed file or field is reported once and read as empty."""
+        path = self.directory / META_FILE
         try:
-            meta = json.loads((self.directory / META_FILE).read_text())
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
         except FileNotFoundError:
             meta = {}
-        except ValueError as err:
-            _warn_corrupt(self.directory / META_FILE, 1, err)
+        except (ValueError, RecursionError, OSError) as err:
+            _warn_corrupt(path, 1, err)
             meta = {}
+        for field, value_ok in _META_MAPS.items():
+            value = meta.get(field, {})
+            if not isinstance(value, dict):
+                _warn_corrupt(path, 1, ValueError(f"field {field!r} is not an object; ignored"))
+                value = {}
+            bad = [k for k, v in value.items() if not value_ok(v)]
+            if bad:
+                _warn_corrupt(path, 1, ValueError(f"field {field!r} has malformed entries {bad[:3]}; ignored"))
+            meta[field] = {k: v for k, v in value.items() if k not in bad}
         meta.setdefault("format", TUNING_LOG_VERSION)
-        meta.setdefault("workloads", {})
-        meta.setdefault("rejected", {})
         return meta
 
     def records(self, workload: str) -> list[TuningRecord]:
@@ -197,7 +286,8 @@ class TuningLog:
         other with one protocol), else as MetaSchedule measured them while tuning.
         """
         meta = self._index().meta
-        usable = [r for r in self.records(workload) if r.id not in meta["rejected"]]
+        rejected_here = self._rejected_here.get(self.directory, set())
+        usable = [r for r in self.records(workload) if r.id not in meta["rejected"] and r.id not in rejected_here]
         retimed = meta.get("retimed", {}).get(workload, {})
         timed = [r for r in usable if r.id in retimed]
         if timed:
@@ -229,27 +319,33 @@ class TuningLog:
 
     def repair(self) -> int:
         """Move corrupt lines into ``<file>.corrupt`` so that MetaSchedule can open the database (it stops
-        at the first bad line); records of a corrupt workload go too.  Returns how many lines moved."""
+        at the first bad line); records of a corrupt workload go too, and so do records refused by the
+        allow-list (MetaSchedule would replay them as seeds of its search).  Returns how many lines moved."""
         with self.locked():
             workload_lines = _raw_lines(self.directory / WORKLOAD_FILE)
             record_lines = _raw_lines(self.directory / RECORD_FILE)
             keep_workloads, remap, bad = [], {}, []
+            hashes: list[str | None] = []
             for index, (number, raw, value) in enumerate(workload_lines):
-                if isinstance(value, list) and len(value) == 2:
+                if _is_workload_entry(value):
                     remap[index] = len(keep_workloads)
                     keep_workloads.append(raw)
+                    hashes.append(value[0])
                 else:
-                    bad.append((WORKLOAD_FILE, number, raw))
+                    bad.append((WORKLOAD_FILE, number, raw, "not a [structural hash, module] line"))
+                    hashes.append(None)
             keep_records = []
             for number, raw, value in record_lines:
-                if isinstance(value, list) and len(value) == 2 and remap.get(value[0]) is not None:
-                    keep_records.append(json.dumps([remap[value[0]], value[1]]))
-                else:
-                    bad.append((RECORD_FILE, number, raw))
+                try:
+                    _parse_record(value, hashes)  # a DisallowedRecord is a ValueError too
+                except ValueError as err:
+                    bad.append((RECORD_FILE, number, raw, str(err)))
+                    continue
+                keep_records.append(json.dumps([remap[value[0]], value[1]]))
             if not bad:
                 return 0
-            for name, number, raw in bad:
-                _warn_corrupt(self.directory / name, number, ValueError("moved to " + name + ".corrupt"))
+            for name, number, raw, reason in bad:
+                _warn_corrupt(self.directory / name, number, ValueError(f"moved to {name}.corrupt: {reason[:200]}"))
                 with open(self.directory / f"{name}.corrupt", "a") as f:
                     f.write(raw + "\n")
             for name, lines in ((WORKLOAD_FILE, keep_workloads), (RECORD_FILE, keep_records)):
@@ -283,48 +379,70 @@ class TuningLog:
             self._write_meta(meta)
 
     def reject(self, record: TuningRecord, reason: str) -> None:
-        """Mark a record that computed wrong results: lookups skip it from now on."""
-        with self.locked():
-            meta = self.meta()
-            meta["rejected"][record.id] = reason
-            self._write_meta(meta)
+        """Mark a record that computed wrong results: lookups skip it from now on (in this process only
+        where the log cannot be written, e.g. the shipped logs of a read-only install)."""
+        self._rejected_here.setdefault(self.directory, set()).add(record.id)
+        try:
+            with self.locked():
+                meta = self.meta()
+                meta["rejected"][record.id] = reason
+                self._write_meta(meta)
+        except OSError as err:
+            _warn(self.directory / META_FILE, 0, f"cannot mark record {record.id} rejected ({err}); skipped anyway")
+
+
+_warned: set[tuple[str, int, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn(path: Path, line: int, message: str) -> None:
+    """Warn about a line of a log once per process: logs are read again and again."""
+    with _warned_lock:
+        if (str(path), line, message) in _warned:
+            return
+        _warned.add((str(path), line, message))
+    warnings.warn(f"{path}:{line}: {message}", stacklevel=4)
 
 
 def _warn_corrupt(path: Path, line: int, err: Exception) -> None:
-    warnings.warn(f"{path}:{line}: skipping a corrupt tuning-log line ({type(err).__name__}: {err})", stacklevel=3)
+    _warn(path, line, f"skipping a corrupt tuning-log line ({type(err).__name__}: {str(err)[:300]})")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of every non-empty line; an unreadable file is reported and has none."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        _warn_corrupt(path, 0, err)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+def _load_line(path: Path, number: int, line: str) -> object:
+    """The JSON value of a line, or None (reported) for a line too long, too deep or not JSON."""
+    if len(line) > MAX_LINE_CHARS:
+        _warn_corrupt(path, number, ValueError(f"a line of {len(line)} characters, over {MAX_LINE_CHARS}"))
+        return None
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as err:
+        _warn_corrupt(path, number, err if isinstance(err, ValueError) else ValueError("JSON nested too deeply"))
+        return None
 
 
 def _raw_lines(path: Path) -> list[tuple[int, str, object]]:
     """(1-based number, text, parsed JSON or None) of every non-empty line."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    lines = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except ValueError:
-                value = None
-            lines.append((number, line, value))
-    return lines
+    return [(number, line, _load_line(path, number, line)) for number, line in _read_lines(path)]
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(1-based line number, parsed JSON or None) of every non-empty line; corrupt lines are reported."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except ValueError as err:
-                _warn_corrupt(path, number, err)
-                value = None
-            yield number, value
+    for number, line in _read_lines(path):
+        yield number, _load_line(path, number, line)
 
 
 def merge_logs(sources: list[str | Path], destination: str | Path) -> dict[str, int]:
@@ -344,18 +462,16 @@ def merge_logs(sources: list[str | Path], destination: str | Path) -> dict[str, 
         best: dict[str, tuple[float, bool, list]] = {}  # hash -> (seconds, re-timed?, record body)
         meta = {"format": TUNING_LOG_VERSION, "workloads": {}, "rejected": {}, "trials": {}, "retimed": {}}
         for directory in [root / key for root in roots if (root / key / RECORD_FILE).exists()]:
-            lines = [e for _, e in _json_lines(directory / WORKLOAD_FILE)]
+            entries = {e[0]: e for _, e in _json_lines(directory / WORKLOAD_FILE) if _is_workload_entry(e)}
             bodies: dict[str, list] = {}  # record id -> record body
-            for _, entry in _json_lines(directory / RECORD_FILE):
-                try:
-                    index, body = entry
-                    shash = lines[index][0]
-                except (TypeError, ValueError, IndexError) as err:
-                    _warn_corrupt(directory / RECORD_FILE, 0, err)
+            # only well-formed records that pass the allow-list are ever copied; the others are reported
+            for record, body in _records(directory):
+                if record.target_key != key:
                     continue
-                workloads[shash] = json.dumps(lines[index])
+                shash = record.workload_hash
+                workloads[shash] = json.dumps(entries[shash])
                 meta["trials"][shash] = meta["trials"].get(shash, 0) + 1
-                bodies[record_id(shash, body[0])] = body
+                bodies[record.id] = body
             log = TuningLog(directory)
             source_meta = log.meta()
             for shash in log.all_records():
