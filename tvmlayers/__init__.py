@@ -5,6 +5,7 @@ from . import functional, nn
 from .build import kernel_for
 from .convert import convert
 from .kernel import Kernel
+from .layouts import refresh_weights
 from .nn import Conv2d, Linear, MaxPool2d, ReLU
 from .spec import KernelSpec
 from .targets import resolve_target
@@ -44,6 +45,7 @@ __all__ = [
     "functional",
     "kernel_for",
     "nn",
+    "refresh_weights",
     "resolve_target",
     "get_num_threads",
     "set_num_threads",

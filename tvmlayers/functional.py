@@ -7,6 +7,10 @@ Each op is split in two.  The *plan* (``_<op>_plan``) takes only hashable facts 
 devices, parameters, target), checks them with torch's messages and finds the compiled kernel; it is
 memoized, so a layer called again with the same shapes pays a dictionary lookup, not the checks.
 The per-call part only touches tensors: make them contiguous, pack the weight, allocate, call.
+
+A conv2d/linear weight is packed once per version (``tvmlayers.layouts.packed_weight``); after writing
+to it where torch cannot see (a numpy view, a raw pointer, ``weight.data.<op>_()`` on a plain tensor),
+call ``refresh_weights(weight)``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import tvm
 from . import layer_specs
 from .build import kernel_for
 from .kernel import Kernel
-from .layouts import packed_weight
+from .layouts import packed_weight, refresh_weights  # noqa: F401 (tl.functional.refresh_weights)
 from .spec import DTYPES, KernelSpec
 from .targets import TargetLike, device_type, resolve_target
 
@@ -29,6 +33,11 @@ __all__ = ["conv2d", "max_pool2d", "linear", "relu"]
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _PLAN_CACHE = 4096
+JIT_UNSUPPORTED = (
+    "tvmlayers layers cannot be compiled by torch.jit.{how}: their kernels are TVM functions that "
+    "TorchScript cannot record. Run the model eagerly or with torch.compile (which calls the kernels "
+    "as they are); ONNX export and torch.export are not supported yet."
+)
 
 
 class Plan(NamedTuple):
@@ -68,6 +77,9 @@ def _facts(op: str, position: int, tensor: torch.Tensor | None) -> tuple | None:
 
 def _check_types(op: str, tensors: tuple, target: tvm.target.Target) -> str:
     """Dtypes and devices of an op's tensors (their facts); returns the kernel dtype name."""
+    # Every plan is made here; a traced call always makes one, since its shapes hold tensors that hash by id
+    if torch.jit.is_tracing():
+        raise RuntimeError(JIT_UNSUPPORTED.format(how="trace"))
     dtypes = [facts[1] for facts in tensors if facts is not None]
     devices = [facts[2] for facts in tensors if facts is not None]
     if dtypes[0] not in DTYPE_NAMES:

@@ -29,9 +29,14 @@ def _forget(key: int) -> None:
 def packed_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     """``block_out_channels``, memoized per tensor until the tensor is modified in place.
 
-    ``_version`` changes on every in-place write (an optimizer step, ``load_state_dict``), so a module's
-    weight is packed once, not on every call, and never goes stale.  Tensors compare elementwise, so the
-    memo is keyed by identity and forgets a tensor when it is garbage collected.
+    ``_version`` changes on every in-place write torch sees (an optimizer step, ``load_state_dict``,
+    ``weight.mul_()``, and on the modules' parameters also ``weight.data.mul_()``, see
+    ``tvmlayers.nn._base.TrackedParameter``), so a weight is packed once, not on every call.  Tensors
+    compare elementwise, so the memo is keyed by identity and forgets a tensor when it is garbage collected.
+
+    Writes torch cannot see leave the packed copy stale until ``refresh_weights`` is called: through a
+    numpy view (``weight.detach().numpy()``), DLPack or a raw data pointer, and ``weight.data.<op>_()``
+    on a plain tensor passed to ``tvmlayers.functional`` (its ``.data`` has a version counter of its own).
     """
     key, stamp = id(weight), (weight._version, weight.data_ptr(), block)
     hit = _packed.get(key)  # a single dict read is atomic; the lock orders the writers
@@ -41,3 +46,14 @@ def packed_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     with _packed_lock:
         _packed[key] = (weakref.ref(weight, lambda _, key=key: _forget(key)), stamp, packed)
     return packed
+
+
+def refresh_weights(source: torch.nn.Module | torch.Tensor) -> None:
+    """Repack on their next use the weights of ``source``: a model (all its parameters) or one tensor.
+
+    Only needed after writes torch cannot see (see ``packed_weight``): through a numpy view, DLPack or a
+    raw data pointer, or ``weight.data.<op>_()`` on a plain tensor given to ``tvmlayers.functional``.
+    """
+    tensors = source.parameters() if isinstance(source, torch.nn.Module) else (source,)
+    for tensor in tensors:
+        _forget(id(tensor))

@@ -3,17 +3,62 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.nn import Parameter, init
 
-from ..functional import Plan
+from ..functional import JIT_UNSUPPORTED, Plan
 from ..kernel import Kernel
 from ..targets import TargetLike
 
 
+class TrackedParameter(Parameter):
+    """The ``weight`` of the tvmlayers modules: a ``Parameter`` whose ``.data`` is ``detach()``.
+
+    torch gives ``p.data`` a version counter of its own, so ``p.data.zero_()`` (EMA updates, weight
+    clipping, old init code) leaves ``p._version`` unchanged and the packed copy of the weight, which is
+    memoized per version (``tvmlayers.layouts.packed_weight``), would go stale.  ``detach()`` shares the
+    version counter, so such writes are seen like any in-place write.  The autograd consequence is
+    torch's for in-place writes: a ``.data`` write between a forward that saved the weight and its
+    backward now raises at backward instead of silently using the new values.
+
+    Only weights are tracked: the bias is read on every call, it has no packed copy to go stale, and each
+    attribute read of a ``Parameter`` subclass costs 0.1 us more than of a ``Parameter`` (torch looks
+    for ``__torch_function__`` on every access but to its own two classes).
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        torch._C.TensorBase.data.__set__(self, value)
+        # A new storage changes data_ptr, which the memo keys on, but a storage freed earlier can come back
+        # at the same address: a new version rules that out.
+        torch.autograd.graph.increment_version(self)
+
+    def __repr__(self) -> str:
+        # torch's repr of a Parameter subclass names the subclass twice; print what nn.Conv2d prints
+        return Parameter.__repr__(torch.Tensor._make_subclass(Parameter, self.detach(), self.requires_grad))
+
+
+def track_data_writes(param: Parameter | None) -> None:
+    """Make a plain ``Parameter`` a ``TrackedParameter`` in place, keeping its identity (weight tying,
+    optimizers holding it).  Other ``Parameter`` subclasses are left as they are: ``tl.refresh_weights``
+    after their ``.data`` writes."""
+    if type(param) is Parameter:
+        param.__class__ = TrackedParameter
+
+
 class CompiledLayer(torch.nn.Module):
-    """Mixin state of the tvmlayers modules: ``target`` (None = host CPU) and ``kernels``."""
+    """Mixin state of the tvmlayers modules: ``target`` (None = host CPU) and ``kernels``.
+
+    ``weight`` is a ``TrackedParameter``, however it gets in (construction, assignment, ``.to()``,
+    unpickling), so that ``.data`` writes reach its packed copy.  Kernels are not state: pickling and
+    ``copy.deepcopy`` drop them and the next call loads them from the kernel cache.
+    """
 
     target: TargetLike
 
@@ -34,6 +79,35 @@ class CompiledLayer(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        # nn.Module.__setattr__ and load_state_dict(assign=True) come through here
+        if name == "weight":
+            track_data_writes(param)
+        super().register_parameter(name, param)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompiledLayer:
+        # .to()/.double() may put new plain Parameters into _parameters directly (torch.__future__ options)
+        super()._apply(fn, recurse)
+        track_data_writes(self._parameters.get("weight"))
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loaded kernels hold TVM functions, which neither pickle nor deepcopy; they are a cache, not state.
+        state = self.__dict__.copy()
+        state["kernels"] = {}
+        state["_last_plan"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Parameter.__reduce_ex__ rebuilds a plain Parameter
+        track_data_writes(self._parameters.get("weight"))
+
+    def __prepare_scriptable__(self) -> CompiledLayer:
+        # torch.jit.script calls this on every module of a model before compiling it; tracing is refused
+        # where a plan is made (tvmlayers.functional), since a traced call never hits the plan memo
+        raise RuntimeError(JIT_UNSUPPORTED.format(how="script"))
 
     def reset_parameters(self) -> None:
         """torch's initialization of Conv2d and Linear, call for call, so that a seed gives torch's weights:
