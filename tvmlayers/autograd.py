@@ -1,0 +1,78 @@
+"""Autograd for the tvmlayers ops: the compiled kernels compute the forward pass, torch's own ops the gradients.
+
+``tvmlayers.functional`` comes here only when grad mode is on and a tensor requires grad; under
+``torch.no_grad()``/``torch.inference_mode()`` (or with nothing requiring grad) it calls the kernels directly.
+
+Backward recomputes the layer with torch (``verify.torch_reference``, the oracle of every correctness
+check: nn.Conv2d's padding modes, 'same' padding, groups, dilation, ceil_mode, the fused relu) and asks
+autograd for that graph's gradients.  The recomputation costs one torch forward pass per backward; in
+exchange the gradients are torch's by construction, and with ``create_graph=True`` they are themselves
+differentiable (double backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .verify import torch_reference
+
+if TYPE_CHECKING:
+    from .functional import Plan
+
+
+class Layer(torch.autograd.Function):
+    """One call of a tvmlayers op: ``Layer.apply(run, plan, *tensors)`` returns ``run(plan, *tensors)``
+    (one output, or a list of outputs whose first one alone is differentiable: max_pool2d's indices)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., Any], plan: Plan, *tensors: torch.Tensor | None) -> Any:
+        outputs = run(plan, *tensors)
+        ctx.spec = None if plan.kernel is None else plan.kernel.spec  # None: the output is empty
+        ctx.save_for_backward(*tensors)
+        if isinstance(outputs, list):
+            ctx.mark_non_differentiable(*outputs[1:])
+            return tuple(outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        needed = ctx.needs_input_grad[2:]
+        wanted = [t for t, need in zip(tensors, needed, strict=True) if need]
+        if ctx.spec is None:  # an empty output: no element of any input reaches it
+            found = [torch.zeros_like(t) for t in wanted]
+        else:
+            x, weight, bias = (*tensors, None, None)[:3]
+            # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  The
+            # saved tensors keep their own history, so with create_graph the gradients are differentiable.
+            with torch.enable_grad():
+                out = torch_reference(ctx.spec, x, weight, bias)[0]
+            found = torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled())
+        found = iter(found)
+        return (None, None, *(next(found) if need else None for need in needed))
+
+
+class ReLUInPlace(torch.autograd.Function):
+    """``ReLUInPlace.apply(input, relu_copy)`` declares ``input`` overwritten by its relu and returns it;
+    the caller has made torch's in-place checks and writes the relu into ``input`` after ``apply`` returns.
+
+    ``apply`` bumps ``input``'s version and rewrites its history (through the base, for a view).  Backward
+    needs the relu's output: ``relu_copy`` where the caller computes it in a copy (and copies it back,
+    bumping the version again), else ``input`` itself, saved at the version ``apply`` gives it, which the
+    kernel's write does not bump.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, relu_copy: torch.Tensor | None) -> torch.Tensor:
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(input if relu_copy is None else relu_copy)
+        return input
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (output,) = ctx.saved_tensors
+        # torch's ReluBackward0 (grad where the output is positive), itself differentiable in grad
+        return torch.ops.aten.threshold_backward(grad, output, 0), None
