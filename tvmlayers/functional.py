@@ -1,7 +1,11 @@
 """torch.nn.functional's conv2d, max_pool2d, linear and relu, running tvmlayers kernels.
 
 Signatures are torch's, plus keyword-only ``target=`` (and ``padding_mode=`` for conv2d, which torch
-only offers on the module).  Kernels are inference-only: outputs carry no autograd history.
+only offers on the module).  Outputs follow torch's autograd: when grad mode is on and an input or
+parameter requires grad, the call goes through ``tvmlayers.autograd`` (the kernel computes the output,
+torch's ops the gradients); under ``torch.no_grad()``/``torch.inference_mode()``, or when nothing requires
+grad, the kernel is called directly (the fast path).  ``relu(inplace=True)`` makes torch's in-place checks
+and bumps the input's version.  A channels_last input gives a channels_last output where torch's does.
 
 Each op is split in two.  The *plan* (``_<op>_plan``) takes only hashable facts (shapes, dtypes,
 devices, parameters, target), checks them with torch's messages and finds the compiled kernel; it is
@@ -21,8 +25,10 @@ from typing import NamedTuple
 
 import torch
 import tvm
+from torch.autograd.graph import increment_version
 
 from . import layer_specs
+from .autograd import Layer, ReLUInPlace
 from .build import kernel_for
 from .kernel import Kernel
 from .layouts import packed_weight, refresh_weights  # noqa: F401 (tl.functional.refresh_weights)
@@ -54,6 +60,9 @@ class Plan(NamedTuple):
     # allocates with ``torch.empty_like(template)``, 1.1 us, where ``new_empty(shape)`` parses the
     # shape again and costs 1.7-2.9 us.
     out_templates: tuple[torch.Tensor, ...] = ()
+    # Whether a channels_last input gives channels_last outputs, as torch's CPU conv2d and max_pool2d do;
+    # not conv2d with circular padding, whose padded copy torch makes contiguous.
+    keeps_channels_last: bool = False
 
 
 _ARGUMENT_NAMES = {
@@ -110,10 +119,10 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return {torch.float32: "Float", torch.float64: "Double"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...]) -> Plan:
+def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...], keeps_channels_last: bool = False) -> Plan:
     """The plan of a call whose first tensor has the facts ``input`` (shape, dtype, device)."""
     if spec is None:
-        return Plan(None, out_shape, None, None)
+        return Plan(None, out_shape, None, None, keeps_channels_last=keeps_channels_last)
     in_shape, dtype, device = tuple(input[0]), input[1], input[2]
     kernel = kernel_for(spec)
     in_view = spec.input_shape if spec.input_shape != in_shape else None
@@ -124,7 +133,7 @@ def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...]) -> 
         torch.empty((), dtype=dtypes[min(i, 1)], device=device).expand(shape)
         for i, shape in enumerate(kernel.output_shapes)
     )
-    return Plan(kernel, out_shape, in_view, out_view, templates)
+    return Plan(kernel, out_shape, in_view, out_view, templates, keeps_channels_last)
 
 
 def _hashable(value: object) -> object:
@@ -134,7 +143,7 @@ def _hashable(value: object) -> object:
 
 def _kernel_input(input: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``input`` as the kernel sees it: contiguous, batched/flattened to the spec's shape (a view if possible).
-    No ``detach``: TVM reads the memory and the outputs carry no autograd history anyway."""
+    No ``detach``: TVM reads the memory, and autograd, where it is wanted, wraps the whole kernel call."""
     input = input.contiguous()
     return input if plan.in_view is None else input.view(plan.in_view)
 
@@ -143,14 +152,42 @@ def _caller_view(output: torch.Tensor, plan: Plan) -> torch.Tensor:
     return output if plan.out_view is None else output.view(plan.out_view)
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """Whether torch lays out an op's result on ``tensor`` as channels_last: a 4-D NHWC-strided tensor
+    that is not also contiguous (with one channel or a 1x1 plane it is both, and torch keeps NCHW)."""
+    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last_like_torch(
+    outputs: list[torch.Tensor], plan: Plan, input: torch.Tensor, weight: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The kernel's NCHW ``outputs`` in the memory format torch gives: channels_last when the input is (for a
+    plan that keeps it) or a conv weight is.  Called only when the input or weight is not contiguous."""
+    if (plan.keeps_channels_last and _is_channels_last(input)) or (weight is not None and _is_channels_last(weight)):
+        return [output.contiguous(memory_format=torch.channels_last) for output in outputs]
+    return outputs
+
+
 # ---------------------------------------------------------------------------------------------- conv2d
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _conv2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> Plan:
+def _conv2d_plan(
+    tensors: tuple,
+    target: tvm.target.Target,
+    stride: object,
+    padding: object,
+    dilation: object,
+    groups: int,
+    padding_mode: str,
+    relu: bool,
+) -> Plan:
     dtype = _check_types("conv2d", tensors, target)
     shapes = _shapes(tensors)
-    return _plan(tensors[0], *layer_specs.conv2d_spec(*shapes, dtype, target, *params))
+    spec, out_shape = layer_specs.conv2d_spec(
+        *shapes, dtype, target, stride, padding, dilation, groups, padding_mode, relu
+    )
+    return _plan(tensors[0], spec, out_shape, keeps_channels_last=padding_mode != "circular")
 
 
 def conv2d(
@@ -198,20 +235,33 @@ def conv2d_with_plan(
         padding_mode,
         bool(fuse_relu),
     )
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return Layer.apply(_conv2d, plan, input, weight, bias), plan
+    return _conv2d(plan, input, weight, bias), plan
+
+
+def _conv2d(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's call of ``conv2d_with_plan``, in torch's memory format."""
     if plan.kernel is None:
-        return input.new_empty(plan.out_shape), plan
-    return _run_with_weight(plan, input, weight, bias), plan
+        return input.new_empty(plan.out_shape)
+    out = _run_with_weight(plan, input, weight, bias)
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        (out,) = _channels_last_like_torch([out], plan, input, weight)
+    return _caller_view(out, plan)
 
 
 def _run_with_weight(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version."""
+    """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version; the
+    output in the kernel's shape."""
     kernel = plan.kernel
     out = torch.empty_like(plan.out_templates[0])
     if bias is None:
         kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), out)
     else:
         kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), bias.contiguous(), out)
-    return _caller_view(out, plan)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ max_pool2d
@@ -221,7 +271,7 @@ def _run_with_weight(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias
 def _max_pool2d_plan(tensors: tuple, target: tvm.target.Target, *params: object) -> Plan:
     dtype = _check_types("max_pool2d", tensors, target)
     (in_shape,) = _shapes(tensors)
-    return _plan(tensors[0], *layer_specs.max_pool2d_spec(in_shape, dtype, target, *params))
+    return _plan(tensors[0], *layer_specs.max_pool2d_spec(in_shape, dtype, target, *params), keeps_channels_last=True)
 
 
 def max_pool2d(
@@ -264,13 +314,22 @@ def max_pool2d_with_plan(
         bool(ceil_mode),
         bool(return_indices),
     )
-    if plan.kernel is None:
-        outputs = [input.new_empty(plan.out_shape), torch.empty(plan.out_shape, dtype=torch.int64)]
+    if torch.is_grad_enabled() and input.requires_grad:
+        outputs = list(Layer.apply(_max_pool2d, plan, input))
     else:
-        outputs = [torch.empty_like(template) for template in plan.out_templates]
-        plan.kernel.function(_kernel_input(input, plan), *outputs)
-        outputs = [_caller_view(o, plan) for o in outputs]
+        outputs = _max_pool2d(plan, input)
     return outputs[: 2 if return_indices else 1], plan
+
+
+def _max_pool2d(plan: Plan, input: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's call of ``max_pool2d_with_plan``: [values] or [values, indices], in torch's memory format."""
+    if plan.kernel is None:
+        return [input.new_empty(plan.out_shape), input.new_empty(plan.out_shape, dtype=torch.int64)]
+    outputs = [torch.empty_like(template) for template in plan.out_templates]
+    plan.kernel.function(_kernel_input(input, plan), *outputs)
+    if not input.is_contiguous():
+        outputs = _channels_last_like_torch(outputs, plan, input, None)
+    return [_caller_view(o, plan) for o in outputs]
 
 
 # ---------------------------------------------------------------------------------------------- linear
@@ -305,11 +364,20 @@ def linear_with_plan(
     tensors = (_facts("linear", 0, input), _facts("linear", 1, weight), _facts("linear", 2, bias))
     plan = _linear_plan(tensors, resolve_target(target), bool(fuse_relu))
     if plan.kernel is None:
-        # an empty product: torch's result is empty, or just the (broadcast) bias
-        out = input.new_zeros(plan.out_shape)
-        out = out + bias.detach() if bias is not None else out
+        # an empty product, no kernel: torch's own op gives the result (empty, or the broadcast bias) and,
+        # where grad is required, its gradients
+        out = torch.nn.functional.linear(input, weight, bias)
         return (torch.relu(out) if fuse_relu else out), plan
-    return _run_with_weight(plan, input, weight, bias), plan
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return Layer.apply(_linear, plan, input, weight, bias), plan
+    return _linear(plan, input, weight, bias), plan
+
+
+def _linear(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's call of ``linear_with_plan``."""
+    return _caller_view(_run_with_weight(plan, input, weight, bias), plan)
 
 
 # ------------------------------------------------------------------------------------------------ relu
@@ -330,21 +398,88 @@ def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = Non
 def relu_with_plan(input: torch.Tensor, inplace: bool, target: TargetLike) -> tuple[torch.Tensor, Plan]:
     """``relu`` and the plan that computed it."""
     plan = _relu_plan((_facts("relu", 0, input),), resolve_target(target))
+    if inplace:
+        return _relu_inplace(plan, input), plan
+    if torch.is_grad_enabled() and input.requires_grad:
+        return Layer.apply(_relu, plan, input), plan
+    return _relu(plan, input), plan
+
+
+# torch's messages for in-place writes it refuses
+_LEAF_INPLACE = "a leaf Variable that requires grad is being used in an in-place operation."
+_LEAF_VIEW_INPLACE = "a view of a leaf Variable that requires grad is being used in an in-place operation."
+_INFERENCE_INPLACE = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get a normal "
+    "tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def _memory_order(tensor: torch.Tensor) -> list[int] | None:
+    """``tensor``'s dims from outermost to innermost in memory when its elements fill one block without gaps
+    (contiguous, channels_last, a transpose), None when they do not (a sliced view)."""
+    order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def _in_memory_order(tensor: torch.Tensor, order: list[int], plan: Plan) -> torch.Tensor:
+    """A gapless ``tensor``'s elements in memory order, shaped as the relu kernel's input (a view: elementwise,
+    the kernel does not care which element is which)."""
+    return tensor.permute(order).view(plan.kernel.spec.input_shape)
+
+
+def _relu(plan: Plan, input: torch.Tensor) -> torch.Tensor:
+    """The kernel's call of ``relu``: a new tensor, strided like a gapless input (torch's preserve_format)."""
     kernel = plan.kernel
     if kernel is None:
-        return (input if inplace else input.clone()), plan
+        return input.clone()
     if input.is_contiguous():
         source = input if plan.in_view is None else input.view(plan.in_view)
-        if inplace:
-            kernel.function(source, source)  # elementwise, each element read before it is written: aliasing is safe
-            return input, plan
         out = torch.empty_like(source)
         kernel.function(source, out)
-        return _caller_view(out, plan), plan
-    # a strided view: compute on a contiguous copy, in place since the copy is ours
-    result = _kernel_input(input.detach(), plan)
-    kernel.function(result, result)
-    if inplace:
-        input.detach().copy_(_caller_view(result, plan))
-        return input, plan
-    return _caller_view(result, plan), plan
+        return _caller_view(out, plan)
+    order = _memory_order(input)
+    if order is None:  # a view with gaps: compute on a contiguous copy, in place since the copy is ours
+        result = _kernel_input(input, plan)
+        kernel.function(result, result)
+        return _caller_view(result, plan)
+    out = torch.empty_like(input)  # the input's strides
+    kernel.function(_in_memory_order(input, order, plan), _in_memory_order(out, order, plan))
+    return out
+
+
+def _relu_inplace(plan: Plan, input: torch.Tensor) -> torch.Tensor:
+    """``relu(input, inplace=True)`` as torch's ``relu_``: its checks before anything is written, the version
+    bumped (TVM writes where autograd cannot see), and with grad required, ``input``'s history rewritten."""
+    # torch's checks, in torch's order, before anything is written or bumped (autograd's own, in
+    # ReLUInPlace.apply, would come after it bumps the version, and word the leaf case differently)
+    tracked = torch.is_grad_enabled() and input.requires_grad
+    if tracked and input._is_view():
+        if torch._C._autograd._get_creation_meta(input) != torch._C._autograd.CreationMeta.DEFAULT:
+            # a view autograd refuses to rebase (made under no_grad, one of unbind's outputs...): torch's own
+            # relu_ raises its message, before writing
+            return torch.relu_(input)
+        if input._base.is_leaf:
+            raise RuntimeError(_LEAF_VIEW_INPLACE)
+    elif tracked and input.is_leaf:
+        raise RuntimeError(_LEAF_INPLACE)
+    if input.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(_INFERENCE_INPLACE)
+    kernel = plan.kernel
+    memory = relu_copy = None  # input's own memory as the kernel's input; or its relu in a contiguous copy
+    if kernel is not None:
+        if input.is_contiguous():
+            memory = input if plan.in_view is None else input.view(plan.in_view)
+        elif (order := _memory_order(input)) is not None:
+            memory = _in_memory_order(input, order, plan)
+        else:  # a view with gaps: compute on a contiguous copy, copied back below
+            relu_copy = _kernel_input(input.detach(), plan)
+            kernel.function(relu_copy, relu_copy)
+    if tracked:
+        ReLUInPlace.apply(input, relu_copy)  # version and history, before the write
+    else:
+        increment_version(input)  # no write can fail from here on
+    if memory is not None:
+        kernel.function(memory, memory)  # elementwise, each element read before it is written: aliasing is safe
+    elif relu_copy is not None:
+        input.detach().copy_(relu_copy.view(input.shape))
+    return input
