@@ -17,7 +17,7 @@ from conftest import assert_matches_torch
 # (tvmlayers module, its torch twin, an input)
 LAYERS = {
     "conv2d": (lambda: tl.Conv2d(3, 16, 3), lambda: torch.nn.Conv2d(3, 16, 3), (2, 3, 8, 8)),
-    "linear": (lambda: tl.Linear(12, 5), lambda: torch.nn.Linear(12, 5), (4, 12)),
+    "linear": (lambda: tl.Linear(12, 32), lambda: torch.nn.Linear(12, 32), (4, 12)),  # 32: packed, not a view
 }
 
 # .data writes: torch gives ``p.data`` a version counter of its own, so none of these bump p._version
@@ -66,7 +66,7 @@ def test_data_writes_are_seen_however_the_weight_got_in() -> None:
     make, make_reference, shape = LAYERS["linear"]
     ours, x = make(), torch.randn(shape)
     # a plain Parameter assigned by the user keeps its identity (weight tying) and is tracked
-    shared = torch.nn.Parameter(torch.randn(5, 12))
+    shared = torch.nn.Parameter(torch.randn(32, 12))
     ours.weight = shared
     assert ours.weight is shared and isinstance(shared, torch.nn.Parameter)
     _assert_computes_like_torch(ours, make_reference, x)
@@ -86,12 +86,12 @@ def test_data_writes_are_seen_however_the_weight_got_in() -> None:
             torch.__future__.set_overwrite_module_params_on_conversion(False)
         x = x.double()
         _assert_computes_like_torch(ours, lambda: make_reference().double(), x)
-        ours.weight.data.copy_(torch.randn(5, 12))
+        ours.weight.data.copy_(torch.randn(32, 12))
         _assert_computes_like_torch(ours, lambda: make_reference().double(), x)
         ours.float()
         x = x.float()
     # assigning .data a new tensor
-    ours.weight.data = torch.randn(5, 12)
+    ours.weight.data = torch.randn(32, 12)
     _assert_computes_like_torch(ours, make_reference, x)
 
 
@@ -123,7 +123,7 @@ def test_refresh_weights_after_writes_torch_cannot_see() -> None:
     _assert_computes_like_torch(ours, make_reference, x)
 
     # the functional API with a plain tensor: its .data has a version counter of its own
-    weight = torch.randn(5, 12)
+    weight = torch.randn(32, 12)
     x = torch.randn(4, 12)
     torch.testing.assert_close(tl.functional.linear(x, weight), x @ weight.T)
     weight.data.mul_(-1.0)
@@ -210,3 +210,16 @@ def test_torch_jit_is_refused_with_what_works() -> None:
         torch.jit.script(model)
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script"):
         torch.jit.script(tl.Linear(3, 2))
+
+
+def test_torch_compile_sees_data_writes() -> None:
+    torch.manual_seed(0)
+    reference = _small_cnn()
+    converted = tl.convert(reference)
+    compiled = torch.compile(converted, backend="eager")  # dynamo over the tracked weights
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_matches_torch(compiled(x), reference(x))
+        for model in (converted, reference):
+            model[0].weight.data.mul_(-1.0)
+        assert_matches_torch(compiled(x), reference(x))

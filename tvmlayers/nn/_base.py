@@ -10,52 +10,14 @@ from torch.nn import Parameter, init
 
 from ..functional import JIT_UNSUPPORTED, Plan
 from ..kernel import Kernel
+from ..layouts import track_data_writes
 from ..targets import TargetLike
-
-
-class TrackedParameter(Parameter):
-    """The ``weight`` of the tvmlayers modules: a ``Parameter`` whose ``.data`` is ``detach()``.
-
-    torch gives ``p.data`` a version counter of its own, so ``p.data.zero_()`` (EMA updates, weight
-    clipping, old init code) leaves ``p._version`` unchanged and the packed copy of the weight, which is
-    memoized per version (``tvmlayers.layouts.packed_weight``), would go stale.  ``detach()`` shares the
-    version counter, so such writes are seen like any in-place write.  The autograd consequence is
-    torch's for in-place writes: a ``.data`` write between a forward that saved the weight and its
-    backward now raises at backward instead of silently using the new values.
-
-    Only weights are tracked: the bias is read on every call, it has no packed copy to go stale, and each
-    attribute read of a ``Parameter`` subclass costs 0.1 us more than of a ``Parameter`` (torch looks
-    for ``__torch_function__`` on every access but to its own two classes).
-    """
-
-    @property
-    def data(self) -> torch.Tensor:
-        return self.detach()
-
-    @data.setter
-    def data(self, value: torch.Tensor) -> None:
-        torch._C.TensorBase.data.__set__(self, value)
-        # A new storage changes data_ptr, which the memo keys on, but a storage freed earlier can come back
-        # at the same address: a new version rules that out.
-        torch.autograd.graph.increment_version(self)
-
-    def __repr__(self) -> str:
-        # torch's repr of a Parameter subclass names the subclass twice; print what nn.Conv2d prints
-        return Parameter.__repr__(torch.Tensor._make_subclass(Parameter, self.detach(), self.requires_grad))
-
-
-def track_data_writes(param: Parameter | None) -> None:
-    """Make a plain ``Parameter`` a ``TrackedParameter`` in place, keeping its identity (weight tying,
-    optimizers holding it).  Other ``Parameter`` subclasses are left as they are: ``tl.refresh_weights``
-    after their ``.data`` writes."""
-    if type(param) is Parameter:
-        param.__class__ = TrackedParameter
 
 
 class CompiledLayer(torch.nn.Module):
     """Mixin state of the tvmlayers modules: ``target`` (None = host CPU) and ``kernels``.
 
-    ``weight`` is a ``TrackedParameter``, however it gets in (construction, assignment, ``.to()``,
+    ``weight`` is a ``tvmlayers.layouts.TrackedParameter``, however it gets in (construction, assignment, ``.to()``,
     unpickling), so that ``.data`` writes reach its packed copy.  Kernels are not state: pickling and
     ``copy.deepcopy`` drop them and the next call loads them from the kernel cache.
     """
