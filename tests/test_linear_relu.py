@@ -52,13 +52,13 @@ def test_relu_matches_torch(shape, dtype) -> None:
 
 
 def test_relu_of_odd_tensors() -> None:
-    # a 0-d tensor, a strided view and a tensor that requires grad: torch's values, no autograd history
+    # a 0-d tensor, strided views and a tensor that requires grad: torch's values (gradients: test_autograd.py)
     for x in (torch.tensor(-3.0), torch.tensor(2.5), torch.randn(8, 6).t(), torch.randn(2, 9)[:, ::3]):
         assert_matches_torch(tf.relu(x), F.relu(x))
     leaf = torch.randn(3, 16, requires_grad=True)
     out = tf.relu(leaf)
-    assert not out.requires_grad
-    assert torch.equal(out, F.relu(leaf.detach()))
+    assert out.requires_grad
+    assert torch.equal(out.detach(), F.relu(leaf.detach()))
 
 
 def test_relu_keeps_nan() -> None:

@@ -16,7 +16,8 @@ class Conv2d(CompiledLayer):
     Same constructor, parameters, initialization and ``state_dict`` keys as :class:`torch.nn.Conv2d`,
     plus keyword-only ``target`` (a preset name such as ``"host"``, a TVM tag, a target dict or a
     ``tvm.target.Target``; default: the host CPU).  The kernel is compiled per input shape on first use
-    and cached on disk.  Inference only: outputs carry no autograd history.
+    and cached on disk.  Differentiable like ``torch.nn.Conv2d`` (see ``tvmlayers.autograd``); under
+    ``torch.no_grad()``/``torch.inference_mode()`` the kernel is called without autograd.
 
     Shape:
         - Input: :math:`(N, C_{in}, H_{in}, W_{in})` or :math:`(C_{in}, H_{in}, W_{in})`
