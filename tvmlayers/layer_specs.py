@@ -1,20 +1,55 @@
 """torch's rules for each layer call, from shapes and arguments to a KernelSpec and the output shape.
 
 Pure Python over hashable facts (shapes as tuples, the kernel dtype's name, a target): used by the
-functional API on every new call signature and by workload extraction for tuning.  Every check raises
-``ValueError`` with the message torch gives for the same mistake.
+functional API on every new call signature, by workload extraction for tuning and by the workload-file
+reader (:func:`workload_spec`).  Every check raises ``ValueError`` with the message torch gives for the
+same mistake, and with a message of our own for what torch can do and a TVM kernel cannot: more elements
+than 32-bit indices reach.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import tvm
 
 from .ops import shapes
-from .spec import KernelSpec
+from .spec import DTYPES, OPS, KernelSpec
 
 Shape = tuple[int, ...]
+
+# TVM indexes a buffer with int32 arithmetic when each of its dimensions fits in int32, and then a buffer of
+# 2**31 elements or more does not compile: "Literal value 2147483648 exceeds range of int32" (FlattenBuffer;
+# seen with TVM 0.27 for the input, weight and output of each op here, while 2**31 - 1 elements compile).
+# Only a buffer with one dimension of 2**31 or more gets int64 indices, and no tvmlayers kernel is built or
+# tested that way, so the limit holds for every tensor of a kernel.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def check_element_counts(op: str, batch: int, along: str, **tensors: Shape) -> None:
+    """A ValueError naming the first tensor of a kernel with more than :data:`MAX_ELEMENTS` elements, before
+    TVM fails on it deep inside its compiler.  The input and output shrink when the call is split ``along``
+    their leading dimension(s), ``batch`` entries long; the weight does not."""
+    for name, shape in tensors.items():
+        count = math.prod(shape)
+        if count <= MAX_ELEMENTS:
+            continue
+        if name == "weight":
+            advice = "split the layer into several with fewer outputs each and concatenate their results"
+        else:  # the input or output has elements, so batch > 0
+            per_entry = max(math.prod(other) // batch for key, other in tensors.items() if key != "weight")
+            if per_entry <= MAX_ELEMENTS:
+                advice = (
+                    f"split the call along {along} into calls of at most {MAX_ELEMENTS // per_entry:,} (of {batch:,})"
+                )
+            else:
+                advice = f"even one entry of {along} is too large ({per_entry:,} elements): split the work within it"
+        raise ValueError(
+            f"{op}: the {name} tensor of size {list(shape)} has {count:,} elements, more than the {MAX_ELEMENTS:,} "
+            f"(2**31 - 1) that a TVM kernel can index with 32-bit integers; {advice}"
+        )
 
 
 def _fused(relu: bool) -> dict:
@@ -34,8 +69,13 @@ def conv2d_spec(
     groups: object,
     padding_mode: str,
     relu: bool = False,
+    padding_is_normalized: bool = False,
 ) -> tuple[KernelSpec | None, Shape]:
-    """torch.nn.functional.conv2d's checks and output shape; the spec is None for an empty batch."""
+    """torch.nn.functional.conv2d's checks and output shape; the spec is None for an empty batch.
+
+    ``padding`` is torch's (an int, a pair, 'same' or 'valid'), or with ``padding_is_normalized`` the
+    (top, left, bottom, right) tuple of a KernelSpec, as workload files hold it (checked by the caller).
+    """
     if len(in_shape) not in (3, 4):
         raise ValueError(
             f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(in_shape)}"
@@ -76,12 +116,13 @@ def conv2d_spec(
             f"Given weight of size {list(w_shape)}, expected bias to be 1-dimensional with {out_channels} "
             f"elements, but got bias of size {list(b_shape)} instead"
         )
-    pads = shapes.conv2d_padding(padding, (kh, kw), stride_, dilation_)
+    pads = tuple(padding) if padding_is_normalized else shapes.conv2d_padding(padding, (kh, kw), stride_, dilation_)
     if padding_mode != "zeros":
         shapes.check_conv_padding_mode(in_shape, pads, padding_mode)
     out_hw = shapes.conv2d_output_hw(in_shape[-2:], (kh, kw), stride_, pads, dilation_)
     out_shape = (*in_shape[:-3], out_channels, *out_hw)
     batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
+    check_element_counts("conv2d", batched[0], "the batch", input=in_shape, weight=w_shape, output=out_shape)
     if batched[0] == 0:
         return None, out_shape
     spec = KernelSpec.make(
@@ -122,6 +163,8 @@ def max_pool2d_spec(
     out_hw = shapes.max_pool2d_output_hw(in_shape, kernel_, stride_, padding_, dilation_, ceil_mode)
     out_shape = (*in_shape[:-2], *out_hw)
     batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
+    # the indices (int64) have the output's shape: the same count
+    check_element_counts("max_pool2d", batched[0], "the batch", input=in_shape, output=out_shape)
     if batched[0] == 0:
         return None, out_shape
     spec = KernelSpec.make(
@@ -162,6 +205,9 @@ def linear_spec(
             f"({b_shape[-1] if b_shape else 1}) at non-singleton dimension {len(out_shape) - 1}.  "
             f"Target sizes: {list(out_shape)}.  Tensor sizes: {list(b_shape)}"
         )
+    check_element_counts(
+        "linear", rows, "the input's rows (its leading dimensions)", input=in_shape, weight=w_shape, output=out_shape
+    )
     if rows == 0 or in_features == 0 or out_features == 0:
         return None, out_shape
     spec = KernelSpec.make(
@@ -172,6 +218,98 @@ def linear_spec(
 
 def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[KernelSpec | None, Shape]:
     """relu keeps the tensor's shape (a 0-d tensor runs as one element); the spec is None for an empty one."""
+    check_element_counts("relu", in_shape[0] if in_shape else 1, "the first dimension", input=in_shape, output=in_shape)
     if math.prod(in_shape) == 0:
         return None, in_shape
     return KernelSpec.make("relu", tuple(in_shape) or (1,), dtype, target), in_shape
+
+
+# The parameters of each op in a workload file (KernelSpec's, normalized as conv2d_spec etc. write them);
+# "relu" (fused) is optional and false by default.
+WORKLOAD_PARAMS = {
+    "conv2d": ("weight_shape", "stride", "padding", "dilation", "groups", "padding_mode", "bias"),
+    "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "linear": ("weight_shape", "bias"),
+    "relu": (),
+}
+_FUSABLE = ("conv2d", "linear")
+
+
+def _ints(name: str, value: object, length: int | None = None) -> Shape:
+    """A list of integers from a workload file (TOML gives lists; floats, strings and booleans are mistakes)."""
+    if (
+        not isinstance(value, list | tuple)
+        or (length is not None and len(value) != length)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        size = f"{length} " if length is not None else ""
+        raise ValueError(f"{name} must be a list of {size}integers, got {value!r}")
+    return tuple(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def workload_spec(
+    op: object, input_shape: object, dtype: object, params: Mapping[str, Any], target: tvm.target.Target
+) -> KernelSpec:
+    """The spec of one layer of a workload file, checked as a layer call is: the file's parameter names and
+    types first, then torch's rules through the same functions the functional API uses, so that a file with
+    e.g. a weight whose channels disagree with the input's fails when it is read, with torch's message."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}, expected one of {OPS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    allowed = WORKLOAD_PARAMS[op] + (("relu",) if op in _FUSABLE else ())
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {op}; expected {', '.join(allowed)}")
+    missing = [name for name in WORKLOAD_PARAMS[op] if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter(s) {', '.join(missing)} for {op}")
+    rank = {"conv2d": 4, "max_pool2d": 4, "linear": 2}.get(op)
+    shape = _ints("input_shape", input_shape, rank)
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"input_shape must have at least one dimension, all positive, got {list(shape)}")
+    relu = _flag("relu", params.get("relu", False))
+    if op == "conv2d":
+        weight = _ints("weight_shape", params["weight_shape"], 4)
+        padding = _ints("padding", params["padding"], 4)
+        if min(padding) < 0:
+            raise ValueError("negative padding is not supported")
+        bias = (weight[0],) if _flag("bias", params["bias"]) else None
+        spec, _ = conv2d_spec(
+            shape,
+            weight,
+            bias,
+            dtype,
+            target,
+            _ints("stride", params["stride"], 2),
+            padding,
+            _ints("dilation", params["dilation"], 2),
+            params["groups"],
+            params["padding_mode"],
+            relu,
+            padding_is_normalized=True,
+        )
+    elif op == "max_pool2d":
+        spec, _ = max_pool2d_spec(
+            shape,
+            dtype,
+            target,
+            *(_ints(name, params[name], 2) for name in ("kernel_size", "stride", "padding", "dilation")),
+            _flag("ceil_mode", params["ceil_mode"]),
+            _flag("return_indices", params["return_indices"]),
+        )
+    elif op == "linear":
+        weight = _ints("weight_shape", params["weight_shape"], 2)
+        if min(weight) <= 0:  # torch allows an empty product; a workload of one makes no kernel to tune
+            raise ValueError(f"weight_shape must be positive, got {list(weight)}")
+        bias = (weight[0],) if _flag("bias", params["bias"]) else None
+        spec, _ = linear_spec(shape, weight, bias, dtype, target, relu)
+    else:
+        spec, _ = relu_spec(shape, dtype, target)
+    return spec

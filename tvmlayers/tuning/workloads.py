@@ -18,9 +18,13 @@ Format (version 1)::
     #               padding_mode = "zeros", bias = true
     #   max_pool2d: kernel_size, stride, padding, dilation (pairs), ceil_mode, return_indices
     #   linear:     weight_shape = [out_features, in_features], bias = true
+    #   conv2d and linear may add relu = true (the fused layer)
 
 Hand-written files use torch's normalized values (e.g. padding 1 becomes [1, 1, 1, 1]);
-:func:`tvmlayers.tuning.extract.extract_workloads` writes them for any model.
+:func:`tvmlayers.tuning.extract.extract_workloads` writes them for any model.  Every parameter is
+required, and each layer is checked when the file is read, as torch checks the same call (e.g. a weight
+whose input channels times groups differ from the input's channels), by
+:func:`tvmlayers.layer_specs.workload_spec`: an error names the file and the layer's number.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import tvm
 
+from .. import layer_specs
 from ..formats import WORKLOAD_FORMAT
 from ..spec import KernelSpec
 from ..targets import resolve_target
@@ -70,15 +75,27 @@ def load_workloads(path: str | Path) -> tuple[list[Workload], dict]:
         raise ValueError(f"{path}: not a valid TOML workload file: {err}") from None
     if data.get("format") != WORKLOAD_FORMAT:
         raise ValueError(f"{path}: expected 'format = {WORKLOAD_FORMAT}', got {data.get('format')!r}")
+    layers = data.get("layer", [])
+    if not isinstance(layers, list):
+        raise ValueError(f"{path}: 'layer' must be [[layer]] tables, got {layers!r}")
     host = resolve_target("host")
     workloads = []
-    for number, layer in enumerate(data.get("layer", []), start=1):
-        layer = dict(layer)
+    for number, layer in enumerate(layers, start=1):
+        # each layer goes through the checks of a layer call: a file whose shapes torch would reject fails
+        # here, naming the file and the layer, not later inside the compiler or the tuner's verifier
         try:
-            op, shape, dtype = layer.pop("op"), layer.pop("input_shape"), layer.pop("dtype", "float32")
-            count = int(layer.pop("count", 1))
-            spec = KernelSpec.make(op, tuple(shape), dtype, host, **layer)  # validates op and dtype
-        except (KeyError, TypeError, ValueError) as err:
+            if not isinstance(layer, dict):
+                raise ValueError("expected a table")  # e.g. `layer = [1]` instead of [[layer]] tables
+            missing = [key for key in ("op", "input_shape") if key not in layer]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} missing")
+            params = dict(layer)
+            op, shape, dtype = params.pop("op"), params.pop("input_shape"), params.pop("dtype", "float32")
+            count = params.pop("count", 1)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"count must be a positive integer, got {count!r}")
+            spec = layer_specs.workload_spec(op, shape, dtype, params, host)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: [[layer]] number {number} is invalid: {err}") from None
         workloads.append(Workload.from_spec(spec, count))
     settings = {k: v for k, v in data.items() if k not in ("format", "layer")}
