@@ -141,10 +141,18 @@ def _hashable(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
+# The compiled kernels may assume that their buffers start on TVM's allocation alignment, as every tensor
+# torch allocates does: a view starting elsewhere (``x[1:]``) crashed the linear dot-product kernel and a
+# relu writing into it.  Such a tensor is copied first.
+_ALIGNMENT = 64
+
+
 def _kernel_input(input: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``input`` as the kernel sees it: contiguous, batched/flattened to the spec's shape (a view if possible).
-    No ``detach``: TVM reads the memory, and autograd, where it is wanted, wraps the whole kernel call."""
+    """``input`` as the kernel sees it: contiguous, aligned, batched/flattened to the spec's shape (a view if
+    possible).  No ``detach``: TVM reads the memory, and autograd, where it is wanted, wraps the kernel call."""
     input = input.contiguous()
+    if input.data_ptr() % _ALIGNMENT:
+        input = input.clone()
     return input if plan.in_view is None else input.view(plan.in_view)
 
 
@@ -158,12 +166,12 @@ def _is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
 
 
-def _channels_last_like_torch(
-    outputs: list[torch.Tensor], plan: Plan, input: torch.Tensor, weight: torch.Tensor | None
-) -> list[torch.Tensor]:
-    """The kernel's NCHW ``outputs`` in the memory format torch gives: channels_last when the input is (for a
-    plan that keeps it) or a conv weight is.  Called only when the input or weight is not contiguous."""
-    if (plan.keeps_channels_last and _is_channels_last(input)) or (weight is not None and _is_channels_last(weight)):
+def _channels_last_like_torch(outputs: list[torch.Tensor], plan: Plan, input: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's NCHW ``outputs`` in the memory format torch gives: channels_last when the input is, for a
+    plan that keeps it.  Called only for an input that is not contiguous.  (torch's conv2d also gives
+    channels_last for a channels_last weight; checking the weight on every call would cost the usual call
+    a sixth of a microsecond, so here only the input decides.)"""
+    if plan.keeps_channels_last and _is_channels_last(input):
         return [output.contiguous(memory_format=torch.channels_last) for output in outputs]
     return outputs
 
@@ -247,8 +255,8 @@ def _conv2d(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if plan.kernel is None:
         return input.new_empty(plan.out_shape)
     out = _run_with_weight(plan, input, weight, bias)
-    if not (input.is_contiguous() and weight.is_contiguous()):
-        (out,) = _channels_last_like_torch([out], plan, input, weight)
+    if not input.is_contiguous():
+        (out,) = _channels_last_like_torch([out], plan, input)
     return _caller_view(out, plan)
 
 
@@ -260,7 +268,10 @@ def _run_with_weight(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias
     if bias is None:
         kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), out)
     else:
-        kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), bias.contiguous(), out)
+        bias = bias.contiguous()
+        if bias.data_ptr() % _ALIGNMENT:
+            bias = bias.clone()
+        kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), bias, out)
     return out
 
 
@@ -328,7 +339,7 @@ def _max_pool2d(plan: Plan, input: torch.Tensor) -> list[torch.Tensor]:
     outputs = [torch.empty_like(template) for template in plan.out_templates]
     plan.kernel.function(_kernel_input(input, plan), *outputs)
     if not input.is_contiguous():
-        outputs = _channels_last_like_torch(outputs, plan, input, None)
+        outputs = _channels_last_like_torch(outputs, plan, input)
     return [_caller_view(o, plan) for o in outputs]
 
 
@@ -421,10 +432,17 @@ def _memory_order(tensor: torch.Tensor) -> list[int] | None:
     return order if tensor.permute(order).is_contiguous() else None
 
 
-def _in_memory_order(tensor: torch.Tensor, order: list[int], plan: Plan) -> torch.Tensor:
-    """A gapless ``tensor``'s elements in memory order, shaped as the relu kernel's input (a view: elementwise,
-    the kernel does not care which element is which)."""
-    return tensor.permute(order).view(plan.kernel.spec.input_shape)
+def _relu_memory(tensor: torch.Tensor, plan: Plan) -> torch.Tensor | None:
+    """``tensor``'s own memory as the relu kernel's buffer: its elements in memory order in the kernel's
+    shape (a view: elementwise, the kernel does not care which element is which); None where they have
+    gaps between them (a sliced view) or do not start on the kernels' alignment."""
+    if tensor.is_contiguous():
+        memory = tensor if plan.in_view is None else tensor.view(plan.in_view)
+    elif (order := _memory_order(tensor)) is not None:
+        memory = tensor.permute(order).view(plan.kernel.spec.input_shape)
+    else:
+        return None
+    return None if memory.data_ptr() % _ALIGNMENT else memory
 
 
 def _relu(plan: Plan, input: torch.Tensor) -> torch.Tensor:
@@ -432,19 +450,20 @@ def _relu(plan: Plan, input: torch.Tensor) -> torch.Tensor:
     kernel = plan.kernel
     if kernel is None:
         return input.clone()
-    if input.is_contiguous():
+    if input.is_contiguous():  # the usual call, inline
         source = input if plan.in_view is None else input.view(plan.in_view)
-        out = torch.empty_like(source)
-        kernel.function(source, out)
-        return _caller_view(out, plan)
-    order = _memory_order(input)
-    if order is None:  # a view with gaps: compute on a contiguous copy, in place since the copy is ours
-        result = _kernel_input(input, plan)
-        kernel.function(result, result)
-        return _caller_view(result, plan)
-    out = torch.empty_like(input)  # the input's strides
-    kernel.function(_in_memory_order(input, order, plan), _in_memory_order(out, order, plan))
-    return out
+        if not source.data_ptr() % _ALIGNMENT:
+            out = torch.empty_like(source)
+            kernel.function(source, out)
+            return _caller_view(out, plan)
+    elif (source := _relu_memory(input, plan)) is not None:
+        out = torch.empty_like(input)  # the input's strides
+        kernel.function(source, _relu_memory(out, plan))
+        return out
+    # gaps or off the alignment: compute on a contiguous copy, in place since the copy is ours
+    result = _kernel_input(input, plan)
+    kernel.function(result, result)
+    return _caller_view(result, plan)
 
 
 def _relu_inplace(plan: Plan, input: torch.Tensor) -> torch.Tensor:
@@ -465,13 +484,10 @@ def _relu_inplace(plan: Plan, input: torch.Tensor) -> torch.Tensor:
     if input.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(_INFERENCE_INPLACE)
     kernel = plan.kernel
-    memory = relu_copy = None  # input's own memory as the kernel's input; or its relu in a contiguous copy
+    memory = relu_copy = None  # input's own memory as the kernel's buffer; or its relu in a contiguous copy
     if kernel is not None:
-        if input.is_contiguous():
-            memory = input if plan.in_view is None else input.view(plan.in_view)
-        elif (order := _memory_order(input)) is not None:
-            memory = _in_memory_order(input, order, plan)
-        else:  # a view with gaps: compute on a contiguous copy, copied back below
+        memory = _relu_memory(input, plan)
+        if memory is None:  # compute on a contiguous copy, copied back below
             relu_copy = _kernel_input(input.detach(), plan)
             kernel.function(relu_copy, relu_copy)
     if tracked:
