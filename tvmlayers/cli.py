@@ -53,14 +53,14 @@ def _model_workloads(path: str, input_shape: str) -> list:
 
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if spec is None or not Path(path).is_file():
-        raise SystemExit(f"tvmlayers tune: model file not found: {path}")
+        raise FileNotFoundError(f"model file not found: {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "model"):
-        raise SystemExit(f"tvmlayers tune: {path} must define model() returning a torch.nn.Module")
+        raise ValueError(f"{path} must define model() returning a torch.nn.Module")
     shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else getattr(module, "INPUT_SHAPE", None)
     if shape is None:
-        raise SystemExit("tvmlayers tune: --input-shape is required (the model file has no INPUT_SHAPE)")
+        raise ValueError("--input-shape is required (the model file has no INPUT_SHAPE)")
     return extract_workloads(module.model(), torch.randn(shape))
 
 
@@ -76,7 +76,7 @@ def _tune(args: argparse.Namespace) -> int:
     from .tuning.workloads import load_workloads  # noqa: PLC0415
 
     if bool(args.workloads) == bool(args.model):
-        raise SystemExit("tvmlayers tune: give a workload file or --model, not both")
+        raise ValueError("give a workload file or --model, not both")
     settings: dict = {}
     if args.model:
         workloads = _model_workloads(args.model, args.input_shape)
@@ -143,9 +143,19 @@ def _describe_spec(spec_json: dict) -> str:
 def _logs_merge(args: argparse.Namespace) -> int:
     from .tuning.database import merge_logs  # noqa: PLC0415
 
+    _check_folders(args.sources)
     for key, count in merge_logs(args.sources, args.into).items():
         print(f"{args.into}/{key}: {count} workload(s), best record of each kept")
     return 0
+
+
+def _check_folders(paths: Sequence[str]) -> None:
+    """Log roots to read must exist: a mistyped one would otherwise merge nothing and report success."""
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no such log folder: {path}")
+        if not Path(path).is_dir():
+            raise NotADirectoryError(f"not a folder: {path}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -155,10 +165,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite:
         suite = Path(__file__).resolve().parent.parent / "examples" / "workloads"
         if not suite.is_dir():
-            raise SystemExit(f"tvmlayers bench: --suite standard needs the source tree's {suite}")
+            raise FileNotFoundError(f"--suite standard needs the source tree's {suite}")
         files += sorted(suite.glob("*.toml"))
     if not files:
-        raise SystemExit("tvmlayers bench: give workload files or --suite standard")
+        raise ValueError("give workload files or --suite standard")
     report = bench(files, args.target, repeat=args.repeat, threads=args.threads)
     print(report.to_text())
     for path, write in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
@@ -169,18 +179,38 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(row.correct for row in report.rows) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tvmlayers", description="torch layers compiled by Apache TVM")
+# What a user's mistake raises (a bad argument, a bad file, a missing path): exit status 2, argparse's.
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# What fails while a command runs and is not a bug of ours: a permission, a full disk, TVM's own errors
+# (RuntimeError), a tuner lock that is held, a missing optional package: exit status 1.
+FAILURES = (OSError, RuntimeError, ImportError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvmlayers",
+        description="torch layers compiled by Apache TVM",
+        epilog="Errors are printed as one line (exit status 2 for bad arguments or files, 1 for failures); "
+        "--debug prints the full traceback instead.",
+    )
+    parser.add_argument("--debug", action="store_true", help="on an error, raise it with its full traceback")
+    # --debug is accepted after the command too; SUPPRESS keeps an absent one from resetting the global one
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    targets = commands.add_parser("targets", help="list the named target presets")
+    targets = commands.add_parser("targets", parents=[debug], help="list the named target presets")
     targets.add_argument("-v", "--verbose", action="store_true", help="print each target's full JSON")
     targets.set_defaults(run=_targets)
     cache = commands.add_parser("cache", help="inspect or clear the compiled-kernel cache")
     cache.add_argument("--cache-dir", default=None, help="default: $TVMLAYERS_CACHE_DIR or ~/.cache/tvmlayers")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
-    cache_commands.add_parser("ls", help="list cached kernels").set_defaults(run=_cache_ls)
-    cache_commands.add_parser("clear", help="remove every cached kernel").set_defaults(run=_cache_clear)
-    tune = commands.add_parser("tune", help="auto-tune layer workloads with MetaSchedule (XGBoost cost model)")
+    cache_commands.add_parser("ls", parents=[debug], help="list cached kernels").set_defaults(run=_cache_ls)
+    cache_commands.add_parser("clear", parents=[debug], help="remove every cached kernel").set_defaults(
+        run=_cache_clear
+    )
+    tune = commands.add_parser(
+        "tune", parents=[debug], help="auto-tune layer workloads with MetaSchedule (XGBoost cost model)"
+    )
     tune.add_argument("workloads", nargs="?", help="a workload TOML file (see examples/workloads)")
     tune.add_argument("--model", help="a Python file defining model() (and INPUT_SHAPE): tune every layer it calls")
     tune.add_argument("--input-shape", help="example input shape for --model, e.g. 1,3,224,224")
@@ -200,14 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune.set_defaults(run=_tune)
     logs = commands.add_parser("logs", help="inspect or merge tuning logs")
     logs_commands = logs.add_subparsers(dest="logs_command", required=True)
-    ls = logs_commands.add_parser("ls", help="what is tuned, for which target")
+    ls = logs_commands.add_parser("ls", parents=[debug], help="what is tuned, for which target")
     ls.add_argument("--log-dir", help="user log root to list before the shipped logs")
     ls.set_defaults(run=_logs_ls)
-    merge = logs_commands.add_parser("merge", help="merge log roots, keeping the best record per workload")
+    merge = logs_commands.add_parser(
+        "merge", parents=[debug], help="merge log roots, keeping the best record per workload"
+    )
     merge.add_argument("sources", nargs="+", help="log roots to merge")
     merge.add_argument("--into", required=True, help="the log root to write (its own records take part)")
     merge.set_defaults(run=_logs_merge)
-    bench = commands.add_parser("bench", help="time every layer of workload files against torch")
+    bench = commands.add_parser("bench", parents=[debug], help="time every layer of workload files against torch")
     bench.add_argument("workloads", nargs="*", help="workload TOML files")
     bench.add_argument("--suite", choices=("standard",), help="every file in examples/workloads")
     bench.add_argument("--target", default="host")
@@ -217,8 +249,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--markdown", help="write the report as a Markdown table")
     bench.add_argument("--plot", help="write a PNG bar chart of the speedups")
     bench.set_defaults(run=_bench)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return parser
+
+
+def _report(command: str, err: Exception) -> None:
+    """``tvmlayers <command>: error: <first line of the message>`` and a hint, on stderr."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[0] if lines else type(err).__name__
+    if isinstance(err, PermissionError):
+        hint = "check the owner and permissions of that path; "
+    elif isinstance(err, USAGE_ERRORS):
+        hint = f"see 'tvmlayers {command} --help'; "
+    else:
+        hint = ""
+    print(f"tvmlayers {command}: error: {message}", file=sys.stderr)
+    print(f"hint: {hint}run 'tvmlayers --debug {command} ...' for the full traceback", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; an expected error is reported in two lines (see :func:`_report`), not a traceback."""
+    args = _parser().parse_args(argv)
+    command = " ".join(
+        filter(None, (args.command, getattr(args, "cache_command", None), getattr(args, "logs_command", None)))
+    )
+    try:
+        return args.run(args)
+    except (*USAGE_ERRORS, *FAILURES) as err:
+        if args.debug:
+            raise
+        _report(command, err)
+        return 2 if isinstance(err, USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .interrupt import (
     InterruptibleCostModel,
     InterruptibleRunner,
 )
+from .pools import ClosingLocalBuilder, close_pool
 from .progress import Progress, ProgressCallback
 from .workloads import Workload, load_workloads
 
@@ -288,14 +289,13 @@ def _run(
         InterruptCallback(interrupt),
     ]
     # builder, runner and cost model are what MetaSchedule's C++ calls back into: each checks for Ctrl-C
-    builder = InterruptibleBuilder(
-        ms.builder.LocalBuilder(max_workers=cores, timeout_sec=timeout, initializer=import_tensor_intrin), interrupt
-    )
-    runner = InterruptibleRunner(_runner(rpc_tracker, rpc_key, timeout), interrupt)
+    builder = InterruptibleBuilder(ClosingLocalBuilder(cores, timeout, import_tensor_intrin), interrupt)
     cost_model = InterruptibleCostModel(
         ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto"), interrupt
     )
     before = sum(len(log.records(t.hash)) for t in tasks)
+    measure = _runner(rpc_tracker, rpc_key, timeout)  # its process pool starts now: closed below
+    runner = InterruptibleRunner(measure, interrupt)
     with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir, interrupt.catching():
         try:
             ms.tune.tune_tasks(
@@ -313,6 +313,7 @@ def _run(
             )
         finally:
             progress.close()
+            close_pool(measure.pool)  # however tuning ended: no worker outlives it, none is left to GC
     measured = sum(len(log.records(t.hash)) for t in tasks) - before
     if progress.done and measured == 0:
         # the worst failure of a tuner is to report success having measured nothing; no candidate at all
