@@ -3,13 +3,17 @@ is compiled once per run), and helpers that compare with torch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import tvm
@@ -21,8 +25,44 @@ from tvmlayers.targets import resolve_target
 # kernel of older code; tests about building and caching use their own empty directories.
 os.environ.setdefault("TVMLAYERS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels"))
 
+# Every process this test process starts, and theirs, inherit this mark: the popen workers that TVM's process
+# pools start are found by it at the end of the session even when their parent died and they were re-parented.
+# One mark per process (xdist worker), so that one worker never sees another's workers still running.
+_MARK = "TVMLAYERS_TEST_PROCESS"
+os.environ[_MARK] = str(os.getpid())
+
 HOST = resolve_target("host")
 TOLERANCES = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+def popen_workers(mark: str) -> list[psutil.Process]:
+    """The running ``tvm.exec.popen_worker`` processes started under ``mark`` (zombies are already dead)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if "tvm.exec.popen_worker" not in (process.info["cmdline"] or []) or process.info["status"] == "zombie":
+                continue
+            if process.environ().get(_MARK) == mark:
+                found.append(process)
+        except psutil.Error:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_popen_workers_left() -> Iterator[None]:
+    """Fails the session (as an error in the last test's teardown, which xdist reports) if TVM popen workers
+    of this process outlive its tests; they are killed, so they do not run on after the tests either."""
+    yield
+    deadline = time.monotonic() + 10  # a worker whose pipe just closed exits within moments
+    while (left := popen_workers(str(os.getpid()))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"pid {process.pid} (parent {process.ppid()})")
+            process.kill()
+    assert not left, f"tvm.exec.popen_worker processes left running: {'; '.join(described)}"
 
 
 def assert_matches_torch(actual: torch.Tensor, expected: torch.Tensor) -> None:

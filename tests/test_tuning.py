@@ -312,7 +312,8 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
             str(tracker_port),
             "--port-end",
             str(tracker_port + 1),
-        ]
+        ],
+        start_new_session=True,  # with its popen worker, which serves: killed with the group below
     )
     server = None
     try:
@@ -332,7 +333,8 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
                 f"127.0.0.1:{tracker_port}",
                 "--key",
                 "loopback",
-            ]
+            ],
+            start_new_session=True,
         )
         time.sleep(4)
         assert tracker.poll() is None and server.poll() is None, "tracker and server are up"
@@ -349,8 +351,8 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
         assert result.trials >= 1 and result.best is not None and result.best.seconds > 0
     finally:
         for process in (server, tracker):
-            if process is not None:
-                process.terminate()
+            if process is not None:  # the group: a terminated server or tracker leaves its popen worker running
+                os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
 
 
