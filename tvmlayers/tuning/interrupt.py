@@ -27,6 +27,8 @@ from tvm.s_tir.meta_schedule.cost_model import CostModel, PyCostModel
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.runner import PyRunner, Runner, RunnerFuture, RunnerInput
 
+from .pools import ClosingLocalBuilder
+
 SIGINT_EXIT = 130  # the shell's status for a process ended by SIGINT
 
 
@@ -83,7 +85,7 @@ class Interrupt:
 
 @derived_object
 class InterruptibleBuilder(PyBuilder):
-    def __init__(self, builder: Builder, interrupt: Interrupt) -> None:
+    def __init__(self, builder: Builder | ClosingLocalBuilder, interrupt: Interrupt) -> None:
         super().__init__()
         self.builder = builder
         self.interrupt = interrupt
