@@ -62,7 +62,8 @@ def run(second_process: bool) -> None:
         for name, _, _, _, _, origin, first_call, _ in rows:
             print(f"  {name:36} first call {first_call * 1e3:8.1f} ms, kernel from {origin}")
         return
-    print(f"target: {tl.resolve_target('host')}; threads: TVM {tl.get_num_threads()}, torch {torch.get_num_threads()}")
+    threads = f"{tl.get_num_threads()} on {tl.get_thread_pool()}'s pool, torch {torch.get_num_threads()}"
+    print(f"target: {tl.resolve_target('host')}; kernel threads: {threads}")
     print(f"kernel cache: {default_cache_dir()}\n")
     header = f"{'layer':36} {'input':14} {'max abs err':>11} {'tvmlayers ms':>12} {'torch ms':>9} {'speedup':>7}"
     print(f"{header}  schedule")

@@ -7,6 +7,7 @@ from .convert import convert
 from .kernel import Kernel
 from .layouts import refresh_weights
 from .nn import Conv2d, Linear, MaxPool2d, ReLU
+from .omp_pool import get_thread_pool, set_thread_pool
 from .spec import KernelSpec
 from .targets import resolve_target
 from .threads import get_num_threads, init_threads, set_num_threads
@@ -49,5 +50,7 @@ __all__ = [
     "resolve_target",
     "get_num_threads",
     "set_num_threads",
+    "get_thread_pool",
+    "set_thread_pool",
     *_LAZY,
 ]
