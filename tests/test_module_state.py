@@ -131,6 +131,18 @@ def test_refresh_weights_after_writes_torch_cannot_see() -> None:
     torch.testing.assert_close(tl.functional.linear(x, weight), x @ weight.T)
 
 
+def test_a_model_made_under_inference_mode() -> None:
+    # inference tensors have no version counter: reading it raised on every conv/linear call
+    with torch.inference_mode():
+        make, make_reference, shape = LAYERS["conv2d"]
+        ours, x = make(), torch.randn(shape)
+        _assert_computes_like_torch(ours, make_reference, x)
+        ours.weight.zero_()  # allowed on an inference tensor, and invisible to the packed copy
+        tl.refresh_weights(ours)
+        expected = ours.bias.view(1, -1, 1, 1).expand_as(ours(x))
+        torch.testing.assert_close(ours(x), expected)
+
+
 # ------------------------------------------------------------------------------ deepcopy, pickle, save
 
 

@@ -73,13 +73,18 @@ def packed_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     compare elementwise, so the memo is keyed by identity and forgets a tensor when it is garbage collected.
 
     Writes torch cannot see leave the packed copy stale until ``refresh_weights`` is called: through a
-    numpy view (``weight.detach().numpy()``), DLPack or a raw data pointer, and ``weight.data.<op>_()``
-    on a plain tensor or ``Parameter`` (its ``.data`` has a version counter of its own).
+    numpy view (``weight.detach().numpy()``), DLPack or a raw data pointer, ``weight.data.<op>_()`` on a
+    plain tensor or ``Parameter`` (its ``.data`` has a version counter of its own), and in-place writes to
+    a weight made under ``torch.inference_mode()`` (such a tensor has no version counter at all).
     """
     # A TrackedParameter's .data setter bumps the version: its data_ptr() (0.23 us, a third of it for any
     # other tensor) need not be read
-    pointer = 0 if type(weight) is TrackedParameter else weight.data_ptr()
-    key, stamp = id(weight), (weight._version, pointer, block)
+    try:
+        pointer = 0 if type(weight) is TrackedParameter else weight.data_ptr()
+        version = weight._version
+    except RuntimeError:  # a tensor made under torch.inference_mode() has no version counter
+        pointer, version = weight.data_ptr(), -1
+    key, stamp = id(weight), (version, pointer, block)
     hit = _packed.get(key)  # a single dict read is atomic; the lock orders the writers
     if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
