@@ -137,3 +137,15 @@ def test_parallel_barrier_runs_on_torchs_pool(tmp_path: Path, threads: None) -> 
         function(a, b, c)
         assert omp_pool.last_team_size() == 2
         assert_matches_torch(c, expected)
+
+
+def test_read_only_cache_still_gets_torchs_pool(tmp_path: Path) -> None:
+    # a pre-built cache on a read-only folder: the launcher is built in a private temporary folder instead
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / "runtime").write_text("not a folder")  # nothing can be written where the launcher would go
+    child = "import tvmlayers.omp_pool as p; print(p.get_thread_pool(), p._launcher is not None)"
+    env = {**os.environ, "TVMLAYERS_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-W", "error", "-c", child], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["torch", "True"]

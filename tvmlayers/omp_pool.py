@@ -12,7 +12,8 @@ written against OpenMP and linked to the ``libgomp.so.1`` torch already loaded (
 dynamic linker hands back torch's copy): a parallel loop of a kernel becomes an ``omp parallel`` region
 of torch's pool.  The team is ``omp_get_max_threads()`` of the calling thread, which is what
 ``torch.set_num_threads`` sets; inside an active parallel region (nested call) OpenMP runs it on one
-thread.  The launcher is compiled once per machine with the system C compiler into the kernel cache.
+thread.  The launcher is compiled once per machine with the system C compiler into the kernel cache
+(into a private temporary folder, per process, where the cache is read-only or refused).
 
 ``TVMLAYERS_THREAD_POOL=tvm`` (or :func:`set_thread_pool`) keeps TVM's own pool; kernels already loaded
 are switched too.
@@ -24,6 +25,7 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -107,11 +109,11 @@ def _launcher_dir() -> Path:
     return default_cache_dir() / "runtime"
 
 
-def _build_launcher() -> ctypes.CDLL:
-    """Compile (once per source and compiler) and load the launcher; checks it shares torch's libgomp."""
+def _build_launcher(directory: Path) -> ctypes.CDLL:
+    """Compile (once per source and compiler) into ``directory`` and load the launcher; checks it shares
+    torch's libgomp."""
     compiler = os.environ.get("CC", "cc")
     tag = hashlib.sha256((_LAUNCHER_SOURCE + compiler).encode()).hexdigest()[:16]
-    directory = _launcher_dir()
     make_private_dirs(directory)
     library = directory / f"omp_launcher-{tag}.so"
     if not library.exists():
@@ -146,7 +148,11 @@ def _ensure_launcher() -> ctypes.CDLL | None:
         if not _torch_uses_gnu_openmp() or not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists():
             return None
         try:
-            _launcher = _build_launcher()
+            try:
+                _launcher = _build_launcher(_launcher_dir())
+            except OSError:  # a read-only or untrusted cache: a private folder of this process's own
+                with tempfile.TemporaryDirectory(prefix="tvmlayers-runtime-") as private:
+                    _launcher = _build_launcher(Path(private))  # stays mapped after its file is gone
         except (OSError, subprocess.CalledProcessError, RuntimeError, AttributeError) as err:
             detail = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) else str(err)
             warnings.warn(
