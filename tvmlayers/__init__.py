@@ -6,7 +6,7 @@ from .build import kernel_for
 from .convert import convert
 from .kernel import Kernel
 from .layouts import refresh_weights
-from .nn import Conv2d, Linear, MaxPool2d, ReLU
+from .nn import Conv2d, ConvAdd2d, ConvAddReLU2d, Linear, MaxPool2d, ReLU
 from .omp_pool import get_thread_pool, set_thread_pool
 from .spec import KernelSpec
 from .targets import resolve_target
@@ -37,6 +37,8 @@ init_threads()
 
 __all__ = [
     "Conv2d",
+    "ConvAdd2d",
+    "ConvAddReLU2d",
     "Kernel",
     "KernelSpec",
     "Linear",

@@ -4,9 +4,9 @@
 ``torch.no_grad()``/``torch.inference_mode()`` (or with nothing requiring grad) it calls the kernels directly.
 
 Backward recomputes the layer with torch (``verify.torch_reference``, the oracle of every correctness
-check: nn.Conv2d's padding modes, 'same' padding, groups, dilation, ceil_mode, the fused relu) and asks
-autograd for that graph's gradients.  The recomputation costs one torch forward pass per backward; in
-exchange the gradients are torch's by construction, and with ``create_graph=True`` they are themselves
+check: nn.Conv2d's padding modes, 'same' padding, groups, dilation, ceil_mode, the fused residual and
+relu) and asks autograd for that graph's gradients.  The recomputation costs one torch forward pass per
+backward; in exchange the gradients are torch's by construction, and with ``create_graph=True`` they are themselves
 differentiable (double backward).
 """
 
@@ -45,11 +45,11 @@ class Layer(torch.autograd.Function):
         if ctx.spec is None:  # an empty output: no element of any input reaches it
             found = [torch.zeros_like(t) for t in wanted]
         else:
-            x, weight, bias = (*tensors, None, None)[:3]
+            x, weight, bias, residual = (*tensors, None, None, None)[:4]
             # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  The
             # saved tensors keep their own history, so with create_graph the gradients are differentiable.
             with torch.enable_grad():
-                out = torch_reference(ctx.spec, x, weight, bias)[0]
+                out = torch_reference(ctx.spec, x, weight, bias, residual)[0]
             found = torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled())
         found = iter(found)
         return (None, None, *(next(found) if need else None for need in needed))

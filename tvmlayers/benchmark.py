@@ -156,10 +156,10 @@ class BenchReport:
 
 
 def _label(spec: KernelSpec) -> str:
-    """A short name of a layer call, e.g. ``conv2d+relu 1x64x56x56 64->64 k3x3 s1 p1``."""
+    """A short name of a layer call, e.g. ``conv2d+add+relu 1x64x56x56 64->64 k3x3 s1 p1``."""
     p = dict(spec.params)
     shape = "x".join(map(str, spec.input_shape))
-    op = spec.op + ("+relu" if p.get("relu") else "")
+    op = spec.op + ("+add" if p.get("residual") else "") + ("+relu" if p.get("relu") else "")
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = p["weight_shape"]
         groups = f" g{p['groups']}" if p["groups"] != 1 else ""
@@ -186,14 +186,16 @@ def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
 
 def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, list[torch.Tensor]]:
     """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments)."""
-    x, w, b = random_inputs(spec, torch.Generator().manual_seed(0))
+    x, w, b, r = random_inputs(spec, torch.Generator().manual_seed(0))
     p = dict(spec.params)
     fused = bool(p.get("relu", False))
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
         padding = (top, left) if (top, left) == (bottom, right) else "same"  # only 'same' pads unevenly
         args = (p["stride"], padding, p["dilation"], p["groups"])
-        ours = lambda: tf.conv2d(x, w, b, *args, padding_mode=p["padding_mode"], fuse_relu=fused, target=target)  # noqa: E731
+        ours = lambda: tf.conv2d(  # noqa: E731
+            x, w, b, *args, padding_mode=p["padding_mode"], fuse_relu=fused, residual=r, target=target
+        )
     elif spec.op == "max_pool2d":
         args = (p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], p["return_indices"])
         ours = lambda: tf.max_pool2d(x, *args, target=target)  # noqa: E731
@@ -202,7 +204,7 @@ def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Calla
     else:
         ours = lambda: tf.relu(x, target=target)  # noqa: E731
     layout = schedules.weight_layout(spec)
-    return ours, lambda: torch_reference(spec, x, w, b)[0], kernel_inputs(spec, layout, x, w, b)
+    return ours, lambda: torch_reference(spec, x, w, b, r)[0], kernel_inputs(spec, layout, x, w, b, r)
 
 
 def _first(value: torch.Tensor | tuple) -> torch.Tensor:

@@ -66,11 +66,12 @@ class Plan(NamedTuple):
 
 
 _ARGUMENT_NAMES = {
-    "conv2d": ("input", "weight", "bias"),
+    "conv2d": ("input", "weight", "bias", "residual"),
     "max_pool2d": ("input",),
     "linear": ("input", "weight", "bias"),
     "relu": ("input",),
 }
+_KEYWORD_ONLY = ("residual",)
 
 
 def _facts(op: str, position: int, tensor: torch.Tensor | None) -> tuple | None:
@@ -81,7 +82,8 @@ def _facts(op: str, position: int, tensor: torch.Tensor | None) -> tuple | None:
     if tensor is None and position > 0:
         return None
     name = _ARGUMENT_NAMES[op][position]
-    raise TypeError(f"{op}(): argument '{name}' (position {position + 1}) must be Tensor, not {type(tensor).__name__}")
+    where = "" if name in _KEYWORD_ONLY else f" (position {position + 1})"
+    raise TypeError(f"{op}(): argument '{name}'{where} must be Tensor, not {type(tensor).__name__}")
 
 
 def _check_types(op: str, tensors: tuple, target: tvm.target.Target) -> str:
@@ -147,12 +149,16 @@ def _hashable(value: object) -> object:
 _ALIGNMENT = 64
 
 
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it is contiguous and starts on the kernels' alignment, else such a copy."""
+    tensor = tensor.contiguous()
+    return tensor.clone() if tensor.data_ptr() % _ALIGNMENT else tensor
+
+
 def _kernel_input(input: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``input`` as the kernel sees it: contiguous, aligned, batched/flattened to the spec's shape (a view if
     possible).  No ``detach``: TVM reads the memory, and autograd, where it is wanted, wraps the kernel call."""
-    input = input.contiguous()
-    if input.data_ptr() % _ALIGNMENT:
-        input = input.clone()
+    input = _aligned(input)
     return input if plan.in_view is None else input.view(plan.in_view)
 
 
@@ -190,10 +196,17 @@ def _conv2d_plan(
     padding_mode: str,
     relu: bool,
 ) -> Plan:
+    # ``tensors`` ends with the residual's facts (None without one)
+    input, residual = tensors[0], tensors[3]
+    if residual is not None and input[1] in DTYPE_NAMES and residual[1] != input[1]:
+        raise TypeError(
+            f"expected scalar type {_scalar_name(input[1])} but found {_scalar_name(residual[1])} for argument "
+            "'residual' (the kernel adds it to the output as it is, without type promotion)"
+        )
     dtype = _check_types("conv2d", tensors, target)
-    shapes = _shapes(tensors)
+    *shapes, residual_shape = _shapes(tensors)
     spec, out_shape = layer_specs.conv2d_spec(
-        *shapes, dtype, target, stride, padding, dilation, groups, padding_mode, relu
+        *shapes, dtype, target, stride, padding, dilation, groups, padding_mode, relu, residual=residual_shape
     )
     return _plan(tensors[0], spec, out_shape, keeps_channels_last=padding_mode != "circular")
 
@@ -209,14 +222,19 @@ def conv2d(
     *,
     padding_mode: str = "zeros",
     fuse_relu: bool = False,
+    residual: torch.Tensor | None = None,
     target: TargetLike = None,
 ) -> torch.Tensor:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``; input (N, C_in, H, W) or (C_in, H, W).
 
     ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does;
-    ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel.
+    ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel.  ``residual``, a tensor of the output's
+    shape, dtype and device (no broadcasting), is added in the same kernel: ``relu?(conv2d(...) + residual)``,
+    ResNet's shortcut connection.
     """
-    return conv2d_with_plan(input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu)[0]
+    return conv2d_with_plan(
+        input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu, residual
+    )[0]
 
 
 def conv2d_with_plan(
@@ -230,9 +248,16 @@ def conv2d_with_plan(
     padding_mode: str,
     target: TargetLike,
     fuse_relu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Plan]:
-    """``conv2d`` (followed by relu in the same kernel with ``fuse_relu``) and the plan that computed it."""
-    tensors = (_facts("conv2d", 0, input), _facts("conv2d", 1, weight), _facts("conv2d", 2, bias))
+    """``conv2d`` (plus ``residual``, then relu with ``fuse_relu``, in the same kernel) and the plan that
+    computed it."""
+    tensors = (
+        _facts("conv2d", 0, input),
+        _facts("conv2d", 1, weight),
+        _facts("conv2d", 2, bias),
+        _facts("conv2d", 3, residual),
+    )
     plan = _conv2d_plan(
         tensors,
         resolve_target(target),
@@ -244,34 +269,51 @@ def conv2d_with_plan(
         bool(fuse_relu),
     )
     if torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        input.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
     ):
-        return Layer.apply(_conv2d, plan, input, weight, bias), plan
-    return _conv2d(plan, input, weight, bias), plan
+        return Layer.apply(_conv2d, plan, input, weight, bias, residual), plan
+    return _conv2d(plan, input, weight, bias, residual), plan
 
 
-def _conv2d(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _conv2d(
+    plan: Plan,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The kernel's call of ``conv2d_with_plan``, in torch's memory format."""
     if plan.kernel is None:
         return input.new_empty(plan.out_shape)
-    out = _run_with_weight(plan, input, weight, bias)
+    out = _run_with_weight(plan, input, weight, bias, residual)
     if not input.is_contiguous():
         (out,) = _channels_last_like_torch([out], plan, input)
     return _caller_view(out, plan)
 
 
-def _run_with_weight(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version; the
-    output in the kernel's shape."""
+def _run_with_weight(
+    plan: Plan,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Call a conv2d/linear kernel: input as the kernel sees it, the weight packed once per version, the
+    bias and the residual (in the kernel's output shape) contiguous and aligned; the output in the kernel's
+    shape."""
     kernel = plan.kernel
-    out = torch.empty_like(plan.out_templates[0])
-    if bias is None:
-        kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), out)
-    else:
-        bias = bias.contiguous()
-        if bias.data_ptr() % _ALIGNMENT:
-            bias = bias.clone()
-        kernel.function(_kernel_input(input, plan), packed_weight(weight, kernel.weight_block), bias, out)
+    out_template = plan.out_templates[0]
+    out = torch.empty_like(out_template)
+    args = [_kernel_input(input, plan), packed_weight(weight, kernel.weight_block)]
+    if bias is not None:
+        args.append(_aligned(bias))
+    if residual is not None:
+        residual = _aligned(residual)
+        args.append(residual if plan.out_view is None else residual.view(out_template.shape))
+    kernel.function(*args, out)
     return out
 
 

@@ -52,9 +52,29 @@ def check_element_counts(op: str, batch: int, along: str, **tensors: Shape) -> N
         )
 
 
-def _fused(relu: bool) -> dict:
-    # only fused specs carry the flag: the specs (and tuning workloads) of plain layers stay as they were
-    return {"relu": True} if relu else {}
+def _fused(relu: bool, residual: bool = False) -> dict:
+    # only fused specs carry the flags: the specs (and tuning workloads) of plain layers stay as they were
+    return {name: True for name, fused in (("relu", relu), ("residual", residual)) if fused}
+
+
+def check_residual(op: str, out_shape: Shape, residual_shape: Shape) -> None:
+    """The residual added in a kernel's epilogue has the output's shape exactly: torch's message where ``out +
+    residual`` fails in torch too, our own where torch would broadcast (the kernel reads it element for
+    element; ``residual.expand(...)`` makes the broadcast explicit)."""
+    if residual_shape == out_shape:
+        return
+    for dim in range(1, min(len(out_shape), len(residual_shape)) + 1):
+        size, other = out_shape[-dim], residual_shape[-dim]
+        if size != other and other != 1 and size != 1:
+            raise ValueError(
+                f"The size of tensor a ({size}) must match the size of tensor b ({other}) at non-singleton "
+                f"dimension {max(len(out_shape), len(residual_shape)) - dim}"
+            )
+    raise ValueError(
+        f"{op}: the residual must have the output's size {list(out_shape)}, but got size {list(residual_shape)}; "
+        f"the kernel adds it element for element, without broadcasting: pass "
+        f"residual.expand({', '.join(map(str, out_shape))}) to broadcast it"
+    )
 
 
 def conv2d_spec(
@@ -70,11 +90,13 @@ def conv2d_spec(
     padding_mode: str,
     relu: bool = False,
     padding_is_normalized: bool = False,
+    residual: Shape | None = None,
 ) -> tuple[KernelSpec | None, Shape]:
     """torch.nn.functional.conv2d's checks and output shape; the spec is None for an empty batch.
 
     ``padding`` is torch's (an int, a pair, 'same' or 'valid'), or with ``padding_is_normalized`` the
     (top, left, bottom, right) tuple of a KernelSpec, as workload files hold it (checked by the caller).
+    ``residual`` is the shape of a tensor added to the output before the relu (:func:`check_residual`).
     """
     if len(in_shape) not in (3, 4):
         raise ValueError(
@@ -121,6 +143,8 @@ def conv2d_spec(
         shapes.check_conv_padding_mode(in_shape, pads, padding_mode)
     out_hw = shapes.conv2d_output_hw(in_shape[-2:], (kh, kw), stride_, pads, dilation_)
     out_shape = (*in_shape[:-3], out_channels, *out_hw)
+    if residual is not None:
+        check_residual("conv2d", out_shape, residual)
     batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
     check_element_counts("conv2d", batched[0], "the batch", input=in_shape, weight=w_shape, output=out_shape)
     if batched[0] == 0:
@@ -137,7 +161,7 @@ def conv2d_spec(
         padding_mode=padding_mode if any(pads) else "zeros",
         bias=b_shape is not None,
         weight_shape=w_shape,
-        **_fused(relu),
+        **_fused(relu, residual is not None),
     )
     return spec, out_shape
 
@@ -225,7 +249,7 @@ def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[K
 
 
 # The parameters of each op in a workload file (KernelSpec's, normalized as conv2d_spec etc. write them);
-# "relu" (fused) is optional and false by default.
+# "relu" (fused) is optional and false by default, and so is conv2d's "residual" (an added output-shaped input).
 WORKLOAD_PARAMS = {
     "conv2d": ("weight_shape", "stride", "padding", "dilation", "groups", "padding_mode", "bias"),
     "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
@@ -263,7 +287,7 @@ def workload_spec(
         raise ValueError(f"unknown op {op!r}, expected one of {OPS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    allowed = WORKLOAD_PARAMS[op] + (("relu",) if op in _FUSABLE else ())
+    allowed = WORKLOAD_PARAMS[op] + (("relu",) if op in _FUSABLE else ()) + (("residual",) if op == "conv2d" else ())
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {op}; expected {', '.join(allowed)}")
@@ -281,7 +305,7 @@ def workload_spec(
         if min(padding) < 0:
             raise ValueError("negative padding is not supported")
         bias = (weight[0],) if _flag("bias", params["bias"]) else None
-        spec, _ = conv2d_spec(
+        args = (
             shape,
             weight,
             bias,
@@ -293,8 +317,10 @@ def workload_spec(
             params["groups"],
             params["padding_mode"],
             relu,
-            padding_is_normalized=True,
         )
+        spec, out_shape = conv2d_spec(*args, padding_is_normalized=True)
+        if _flag("residual", params.get("residual", False)):  # a flag in the file: the residual has the output's shape
+            spec, _ = conv2d_spec(*args, padding_is_normalized=True, residual=out_shape)
     elif op == "max_pool2d":
         spec, _ = max_pool2d_spec(
             shape,

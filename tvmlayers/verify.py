@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .layouts import block_out_channels
+from .ops import output_shapes
 from .spec import KernelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -16,8 +17,8 @@ _TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 def random_inputs(
     spec: KernelSpec, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(input, weight in torch's layout or None, bias or None) for one call of ``spec``."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(input, weight in torch's layout or None, bias or None, residual or None) for one call of ``spec``."""
     dtype = _TORCH_DTYPES[spec.dtype]
 
     def rand(*shape: int) -> torch.Tensor:
@@ -26,14 +27,19 @@ def random_inputs(
     x = rand(*spec.input_shape)
     weight = rand(*spec["weight_shape"]) if spec.op in ("conv2d", "linear") else None
     bias = rand(spec["weight_shape"][0]) if weight is not None and spec["bias"] else None
-    return x, weight, bias
+    residual = rand(*output_shapes(spec, {"weight_block": 1})[0]) if spec.get("residual", False) else None
+    return x, weight, bias, residual
 
 
 def torch_reference(
-    spec: KernelSpec, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    spec: KernelSpec,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """What torch computes for ``spec``, the way a torch user computes it (a fused spec: the layer, then
-    relu): the oracle of the correctness checks and the torch side of the benchmark."""
+    ``+ residual``, then relu): the oracle of the correctness checks and the torch side of the benchmark."""
     p = dict(spec.params)
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
@@ -43,6 +49,7 @@ def torch_reference(
             mode = {"zeros": "constant"}.get(p["padding_mode"], p["padding_mode"])
             padded = F.pad(x, (left, right, top, bottom), mode=mode)
             out = F.conv2d(padded, weight, bias, p["stride"], 0, p["dilation"], p["groups"])
+        out = out + residual if residual is not None else out
         return [F.relu(out) if p.get("relu") else out]
     if spec.op == "max_pool2d":
         out = F.max_pool2d(
@@ -62,23 +69,31 @@ def torch_reference(
 
 
 def kernel_inputs(
-    spec: KernelSpec, layout: dict, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    spec: KernelSpec,
+    layout: dict,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """The kernel's input arguments: the input as its spec shapes it, the weight blocked, the bias."""
+    """The kernel's input arguments: the input as its spec shapes it, the weight blocked, the bias, the
+    residual (as the spec's batched output)."""
     args = [x.contiguous().view(spec.input_shape)]
     if weight is not None:
         args.append(block_out_channels(weight, layout["weight_block"]))
     if bias is not None:
         args.append(bias)
+    if residual is not None:
+        args.append(residual.contiguous().view(output_shapes(spec, layout)[0]))
     return args
 
 
 def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], seed: int = 0) -> str | None:
     """Run ``kernel`` (inputs, then outputs) on random data; None if it matches torch, else what differs."""
-    x, weight, bias = random_inputs(spec, torch.Generator().manual_seed(seed))
-    expected = torch_reference(spec, x, weight, bias)
+    x, weight, bias, residual = random_inputs(spec, torch.Generator().manual_seed(seed))
+    expected = torch_reference(spec, x, weight, bias, residual)
     outputs = [torch.empty_like(e) for e in expected]
-    kernel(*kernel_inputs(spec, layout, x, weight, bias), *outputs)
+    kernel(*kernel_inputs(spec, layout, x, weight, bias, residual), *outputs)
     for index, (got, want) in enumerate(zip(outputs, expected, strict=True)):
         if got.dtype == torch.int64:
             mismatched = int((got != want).sum())

@@ -1,16 +1,50 @@
 """Layers followed by ReLU, computed in one kernel: the relu is the epilogue of the conv2d/linear kernel,
 so the output is written once instead of being written, read and written again.  ``tvmlayers.convert``
 puts them in place of a Conv2d/Linear that a ReLU follows in an ``nn.Sequential`` (the ReLU becomes an
-``nn.Identity``); parameters and ``state_dict`` keys stay those of the Conv2d/Linear."""
+``nn.Identity``); parameters and ``state_dict`` keys stay those of the Conv2d/Linear.
+
+``ConvAdd2d``/``ConvAddReLU2d`` add a second input, ResNet's shortcut, in the same epilogue:
+``relu?(conv2d(x) + residual)``; their ``forward`` takes ``(input, residual)``."""
 
 from __future__ import annotations
 
+import torch
+
+from .. import functional as F
 from .conv import Conv2d
 from .linear import Linear
 
 
 class ConvReLU2d(Conv2d):
     """``relu(conv2d(x))`` in one kernel; the constructor and parameters are :class:`Conv2d`'s."""
+
+    _fuse_relu = True
+
+
+class ConvAdd2d(Conv2d):
+    """``conv2d(input) + residual`` in one kernel, ``residual`` of the output's shape, dtype and device (no
+    broadcasting); the constructor, parameters and ``from_torch`` are :class:`Conv2d`'s."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out, plan = F.conv2d_with_plan(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            padding_mode=self.padding_mode,
+            target=self.target,
+            fuse_relu=self._fuse_relu,
+            residual=residual,
+        )
+        self._remember(input, plan)
+        return out
+
+
+class ConvAddReLU2d(ConvAdd2d):
+    """``relu(conv2d(input) + residual)`` in one kernel (ResNet's block ending); otherwise :class:`ConvAdd2d`."""
 
     _fuse_relu = True
 

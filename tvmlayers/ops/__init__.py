@@ -31,6 +31,8 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
         weight = te.placeholder((out_channels // block, in_per_group, kh, kw, block), dtype, name="weight")
         bias = te.placeholder((out_channels,), dtype, name="bias") if spec["bias"] else None
         out_hw = conv2d_output_hw(spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"])
+        out_shape = (spec.input_shape[0], out_channels, *out_hw)
+        residual = te.placeholder(out_shape, dtype, name="residual") if spec.get("residual", False) else None
         out = conv2d_compute(
             data,
             weight,
@@ -41,9 +43,10 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
             spec["groups"],
             spec["padding_mode"],
             out_hw,
+            residual=residual,
             relu=spec.get("relu", False),
         )
-        return [data, weight] + ([bias] if bias is not None else []), [out]
+        return [data, weight] + [t for t in (bias, residual) if t is not None], [out]
     if spec.op == "max_pool2d":
         args = (spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"])
         out_hw = max_pool2d_output_hw(spec.input_shape, *args, spec["ceil_mode"])
