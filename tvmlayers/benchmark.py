@@ -120,17 +120,10 @@ class BenchReport:
         )
 
     def to_text(self) -> str:
-        header, lines = self._table()
-        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-        render = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-        render += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-        return "\n".join([self.header(), *render, self.summary()])
+        return "\n".join([self.header(), render_table(*self._table()), self.summary()])
 
     def to_markdown(self) -> str:
-        header, lines = self._table()
-        out = [self.header(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join([*out, "", self.summary()]) + "\n"
+        return "\n\n".join([self.header(), render_table(*self._table(), markdown=True), self.summary()]) + "\n"
 
     def plot(self, path: str | Path) -> None:
         """A bar chart of the speedup per layer, log scale, 1.0 (torch) marked."""
@@ -153,6 +146,16 @@ class BenchReport:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def render_table(header: list[str], lines: list[list[str]], markdown: bool = False) -> str:
+    """Columns padded to their widest cell, or a Markdown table."""
+    if markdown:
+        rows = [header, ["---"] * len(header), *lines]
+        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    rows = [header, *lines]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _label(spec: KernelSpec) -> str:
@@ -212,25 +215,27 @@ def _first(value: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def _interleaved(
-    a: Callable, b: Callable, repeat: int, warmup: int, block: int = 5, settle_s: float = 0.005
-) -> tuple[list, list]:
-    """Time ``a`` and ``b`` alternately, ``block`` calls at a time, ``repeat`` calls each in all.
+    calls: Sequence[Callable], repeat: int, warmup: int, block: int = 5, settle_s: float = 0.005
+) -> list[list[float]]:
+    """Time ``calls`` in turn, ``block`` calls at a time, ``repeat`` calls each in all: seconds per call.
 
-    Each block starts with ``settle_s`` seconds (at least one call) of untimed calls: TVM's thread pool
-    and torch's OpenMP threads both spin for milliseconds after their work, and while the other
-    library's threads spin, a small kernel on all cores runs up to twice as long.  Both libraries are
-    timed in their steady state; a model that mixes them pays that switch on top.
+    With ``settle_s`` each block starts with that many seconds (at least one call) of untimed calls: TVM's
+    thread pool and torch's OpenMP threads both spin for milliseconds after their work, and while the
+    other library's threads spin, a small kernel on all cores runs up to twice as long.  Then every
+    library is timed in its steady state; a model that mixes them pays that switch on top.  With
+    ``settle_s=0`` and ``block=1`` the calls alternate with nothing in between: what a user's loop sees.
     """
     for _ in range(warmup):
-        a()
-        b()
-    times: tuple[list[float], list[float]] = ([], [])
-    while len(times[1]) < repeat:
-        for fn, out in zip((a, b), times, strict=True):
+        for fn in calls:
             fn()
-            settled = time.perf_counter() + settle_s
-            while time.perf_counter() < settled:
+    times: list[list[float]] = [[] for _ in calls]
+    while len(times[-1]) < repeat:
+        for fn, out in zip(calls, times, strict=True):
+            if settle_s:
                 fn()
+                settled = time.perf_counter() + settle_s
+                while time.perf_counter() < settled:
+                    fn()
             for _ in range(min(block, repeat - len(out))):
                 start = time.perf_counter()
                 fn()
@@ -247,9 +252,9 @@ def measure_peak(threads: int) -> tuple[float, float]:
     """The machine's peak as torch reaches it: GFLOP/s of a 2048^3 float32 matmul, GB/s of a 256 MB copy."""
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    matmul = min(_interleaved(lambda: a @ b, lambda: None, 5, 2)[0])
+    matmul = min(_interleaved([lambda: a @ b], 5, 2)[0])
     source, destination = torch.randn(1 << 26), torch.empty(1 << 26)
-    copy = min(_interleaved(lambda: destination.copy_(source), lambda: None, 5, 2)[0])
+    copy = min(_interleaved([lambda: destination.copy_(source)], 5, 2)[0])
     return 2 * 2048**3 / matmul / 1e9, 2 * source.numel() * 4 / copy / 1e9
 
 
@@ -269,7 +274,7 @@ def measure_overhead(target: tvm.target.Target, repeat: int) -> tuple[float, flo
 
         return run
 
-    times = _interleaved(batch(ours), batch(theirs), repeat, 2)
+    times = _interleaved([batch(ours), batch(theirs)], repeat, 2)
     return statistics.median(times[0]) * 1e4, statistics.median(times[1]) * 1e4
 
 
@@ -280,8 +285,13 @@ def bench_spec(
     warmup: int,
     peak: tuple[float, float],
     ours: Callable | None = None,
+    settled: bool = True,
 ) -> BenchRow:
-    """One row; ``ours`` replaces the tvmlayers call (the harness's own tests use it)."""
+    """One row; ``ours`` replaces the tvmlayers call (the harness's own tests use it).
+
+    ``settled`` times each library in blocks after untimed calls (no switch cost); without it the two
+    calls alternate one by one with nothing in between, as they do inside a converted model.
+    """
     ours_call, torch_call, inputs = _calls(spec, target)
     ours_call = ours or ours_call
     with torch.no_grad():
@@ -298,7 +308,9 @@ def bench_spec(
     if not row.correct:
         return row
     with torch.no_grad():
-        ours_times, torch_times = _interleaved(ours_call, torch_call, repeat, warmup)
+        ours_times, torch_times = _interleaved(
+            [ours_call, torch_call], repeat, warmup, *((5, 0.005) if settled else (1, 0.0))
+        )
     row.ours_ms, row.ours_spread_ms = _median_and_spread(ours_times)
     row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
     row.speedup = row.torch_ms / row.ours_ms

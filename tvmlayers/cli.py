@@ -1,9 +1,9 @@
-"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``, ``bench``."""
+"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``, ``bench``
+(layers of workload files, or whole models with ``--model``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -45,23 +45,19 @@ def _cache_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_workloads(path: str, input_shape: str) -> list:
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(d) for d in text.split(",")) if text else None
+
+
+def _model_workloads(path: str, input_shape: str | None) -> list:
     """Workloads of a model file that defines ``model()`` (and optionally ``INPUT_SHAPE``)."""
     import torch  # noqa: PLC0415 - only this command needs it before tuning starts
 
+    from .model_bench import load_model_file  # noqa: PLC0415
     from .tuning.extract import extract_workloads  # noqa: PLC0415
 
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if spec is None or not Path(path).is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "model"):
-        raise ValueError(f"{path} must define model() returning a torch.nn.Module")
-    shape = tuple(int(d) for d in input_shape.split(",")) if input_shape else getattr(module, "INPUT_SHAPE", None)
-    if shape is None:
-        raise ValueError("--input-shape is required (the model file has no INPUT_SHAPE)")
-    return extract_workloads(module.model(), torch.randn(shape))
+    model, shape = load_model_file(path, _shape(input_shape))
+    return extract_workloads(model, torch.randn(shape))
 
 
 def _target_argument(value: str | None, settings: dict) -> object:
@@ -159,6 +155,10 @@ def _check_folders(paths: Sequence[str]) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model:
+        if args.workloads or args.suite:
+            raise ValueError("give workload files or --model, not both")
+        return _bench_models(args)
     from .benchmark import bench  # noqa: PLC0415
 
     files = list(args.workloads)
@@ -168,7 +168,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--suite standard needs the source tree's {suite}")
         files += sorted(suite.glob("*.toml"))
     if not files:
-        raise ValueError("give workload files or --suite standard")
+        raise ValueError("give workload files, --suite standard or --model")
     report = bench(files, args.target, repeat=args.repeat, threads=args.threads)
     print(report.to_text())
     for path, write in ((args.json, report.to_json), (args.markdown, report.to_markdown)):
@@ -177,6 +177,33 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(args.plot)
     return 0 if all(row.correct for row in report.rows) else 1
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    """``bench --model``: whole models against torch eager, torch.compile and ONNX Runtime."""
+    from . import model_bench  # noqa: PLC0415
+
+    if args.target != "host":
+        raise ValueError("bench --model runs on this machine's CPU: leave --target out")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    models = model_bench.CLASSIFIERS if args.model == "all" else [args.model]
+    reports = []
+    for model in models:
+        report = model_bench.bench_model(
+            model, _shape(args.input_shape), args.threads, args.repeat, peers=peers, layers=not args.no_layers
+        )
+        print(report.render(), flush=True)
+        reports.append(report)
+    summary = model_bench.summary(reports)
+    print(summary)
+    if args.json:
+        Path(args.json).write_text(model_bench.to_json(reports))
+    if args.markdown:
+        text = "\n".join(r.render(markdown=True) for r in reports)
+        Path(args.markdown).write_text(f"{model_bench.summary(reports, markdown=True)}\n\n{text}")
+    if args.plot:
+        model_bench.plot(reports, args.plot)
+    return 0 if all(r.correct for r in reports) else 1
 
 
 # What a user's mistake raises (a bad argument, a bad file, a missing path): exit status 2, argparse's.
@@ -239,14 +266,26 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", help="log roots to merge")
     merge.add_argument("--into", required=True, help="the log root to write (its own records take part)")
     merge.set_defaults(run=_logs_merge)
-    bench = commands.add_parser("bench", parents=[debug], help="time every layer of workload files against torch")
+    bench = commands.add_parser(
+        "bench", parents=[debug], help="time layers of workload files, or whole models, against torch"
+    )
     bench.add_argument("workloads", nargs="*", help="workload TOML files")
     bench.add_argument("--suite", choices=("standard",), help="every file in examples/workloads")
+    bench.add_argument(
+        "--model",
+        help="time a whole model instead: a torchvision classifier name (random weights), a Python file "
+        "defining model() (and INPUT_SHAPE), or 'all' for the 12 classifiers",
+    )
+    bench.add_argument("--input-shape", help="the model's input shape, e.g. 1,3,224,224")
+    bench.add_argument(
+        "--peers", default="eager,compile,onnxruntime", help="--model's peers besides tvmlayers (eager always runs)"
+    )
+    bench.add_argument("--no-layers", action="store_true", help="--model without the per-layer breakdown")
     bench.add_argument("--target", default="host")
-    bench.add_argument("--repeat", type=int, default=50, help="interleaved timed repeats per layer")
-    bench.add_argument("--threads", type=int, default=None, help="TVM and torch threads (default: torch's)")
+    bench.add_argument("--repeat", type=int, default=50, help="timed repeats per layer or model")
+    bench.add_argument("--threads", type=int, default=None, help="threads of every candidate (default: torch's)")
     bench.add_argument("--json", help="write the report as JSON")
-    bench.add_argument("--markdown", help="write the report as a Markdown table")
+    bench.add_argument("--markdown", help="write the report as Markdown tables")
     bench.add_argument("--plot", help="write a PNG bar chart of the speedups")
     bench.set_defaults(run=_bench)
     return parser

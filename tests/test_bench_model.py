@@ -1,0 +1,141 @@
+"""The model benchmark on a tiny CNN file: correctness checks, peers that are missing, the CLI, JSON.
+No timing is asserted: these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvmlayers import model_bench
+from tvmlayers.cli import main
+from tvmlayers.model_bench import bench_model, from_json, load_model, match_leaves, relative_error, to_json
+
+TINY = '''
+import torch
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.conv2(x) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def model():
+    return Tiny().eval()
+'''
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    return path
+
+
+def test_converted_model_is_checked_timed_and_broken_down(tiny: Path) -> None:
+    report = bench_model(str(tiny), threads=1, repeat=3, warmup=1, peers=["eager"])
+    assert report.model == "tiny" and report.input_shape == [1, 3, 16, 16] and report.threads == 1
+    assert [c.name for c in report.candidates] == ["tvmlayers", "eager"]
+    for candidate in report.candidates:
+        assert candidate.status == "ok" and candidate.max_error <= model_bench.TOLERANCE
+        assert candidate.ms > 0 and candidate.spread_ms >= 0 and candidate.speedup > 0
+    assert report.candidate("eager").speedup == 1.0
+    # the final output matches, and so does every leaf that has a twin among the original's module outputs
+    assert report.leaves > 0 and report.leaves_matched > 0
+    assert any(name.startswith("tvmlayers.") for name in report.fused)
+    assert report.layers_settled and len(report.layers_settled) == len(report.layers_alternating)
+    assert len(report.layer_counts) == len(report.layers_settled)
+    for settled, alternating in zip(report.layers_settled, report.layers_alternating, strict=True):
+        assert settled.layer == alternating.layer and settled.speedup and alternating.speedup
+    text = report.render()
+    assert "1 threads for every candidate" in text and "peers: eager ran" in text and "alternating" in text
+    assert from_json(to_json([report])) == [report]
+
+
+def test_missing_peers_are_skipped_with_the_reason(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    report = bench_model(str(tiny), threads=1, repeat=2, warmup=1, peers=["eager", "onnxruntime"], layers=False)
+    skipped = report.candidate("onnxruntime")
+    assert skipped.status.startswith("skipped: onnxruntime not installed") and "tvmlayers[models]" in skipped.status
+    assert skipped.ms is None and report.correct
+    assert "onnxruntime skipped" in report.render() and "skipped" in model_bench.summary([report])
+    with pytest.raises(ValueError, match="unknown peer"):
+        bench_model(str(tiny), peers=["tensorrt"])
+
+
+def test_a_wrong_conversion_is_reported_where_it_goes_wrong_and_not_timed(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(model: torch.nn.Module, target: object = None) -> torch.nn.Module:
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong.conv2.weight.mul_(2)
+        return wrong
+
+    monkeypatch.setattr(model_bench, "convert", broken)
+    report = bench_model(str(tiny), threads=1, repeat=2, warmup=1, peers=["eager"])
+    ours = report.candidate("tvmlayers")
+    assert ours.status == "WRONG" and ours.max_error > model_bench.TOLERANCE and ours.ms is None
+    assert report.first_unmatched == "conv2" and not report.correct
+    assert not report.layers_settled  # a wrong model's layers are not timed either
+    assert "WRONG" in report.render()
+
+
+def test_leaves_match_through_in_place_relus(tiny: Path) -> None:
+    model, shape = model_bench.load_model_file(tiny)
+    model_bench.randomize_batchnorm(model)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        leaves, matched, first_unmatched = match_leaves(model, copy.deepcopy(model), x)
+    assert leaves == matched == 7 and first_unmatched == ""  # conv1, bn1, relu, conv2, relu again, pool, fc
+    assert relative_error(torch.ones(2), torch.ones(3)) == float("inf")
+    assert relative_error(torch.tensor([1e-6, 2e-6]), torch.tensor([1e-6, 2.0000001e-6])) < 1e-3
+
+
+def test_cli_writes_json_markdown_and_plot(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    status = main(
+        ["bench", "--model", str(tiny), "--repeat", "2", "--threads", "1", "--peers", "eager", "--no-layers"]
+        + ["--json", f"{out}.json", "--markdown", f"{out}.md", "--plot", f"{out}.png"]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "tvmlayers speedup" in printed
+    (report,) = from_json(Path(f"{out}.json").read_text())
+    assert report.candidate("tvmlayers").status == "ok"
+    assert Path(f"{out}.md").read_text().startswith("| model |")
+    assert Path(f"{out}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "--model", str(tiny), str(tiny)]) == 2  # workload files and --model
+
+
+def test_torchvision_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.setattr(model_bench.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"tvmlayers\[models\]"):
+        load_model("resnet18")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision not installed")
+def test_torchvision_classifiers_load() -> None:
+    model, shape, origin = load_model("squeezenet1_0")
+    assert shape == (1, 3, 224, 224) and origin.startswith("torchvision")
+    with pytest.raises(ValueError, match="neither a Python file nor a torchvision classifier"):
+        load_model("no_such_net")
