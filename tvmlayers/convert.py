@@ -1,56 +1,78 @@
-"""convert(): swap every supported torch layer in a model for its tvmlayers twin."""
+"""convert(): a model with every supported torch layer swapped for its tvmlayers twin, fused where its
+dataflow allows (the graph passes are in ``tvmlayers.graph``)."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
-from . import nn
+from .graph import FUSED, TWINS, ConversionReport, GraphUnsupported, convert_graph, has_forward_hooks, twin
 from .targets import TargetLike
-
-# Exact types only: a subclass of nn.Conv2d may override forward, and we would silently drop that.
-_TWINS: dict[type, type] = {
-    torch.nn.Conv2d: nn.Conv2d,
-    torch.nn.MaxPool2d: nn.MaxPool2d,
-    torch.nn.Linear: nn.Linear,
-    torch.nn.ReLU: nn.ReLU,
-}
-
-
-# A Conv2d/Linear directly followed by a ReLU in an nn.Sequential: nothing else can see the intermediate.
-_FUSED: dict[type, type] = {torch.nn.Conv2d: nn.ConvReLU2d, torch.nn.Linear: nn.LinearReLU}
 
 
 def convert(
     model: torch.nn.Module, target: TargetLike = None, inplace: bool = False, fuse: bool = True
 ) -> torch.nn.Module:
-    """Replace every ``nn.Conv2d``/``MaxPool2d``/``Linear``/``ReLU`` in ``model``, recursively.
+    """Replace every ``nn.Conv2d``/``MaxPool2d``/``Linear``/``ReLU`` in ``model``, fused where the dataflow
+    proves it safe, computing what ``model`` computes.
 
-    Parameters are copied, so the result computes what ``model`` computes.  With ``inplace=False``
-    (default) ``model`` is left untouched and a converted deep copy is returned.  With ``fuse`` (default),
-    a Conv2d or Linear followed by a ReLU inside an ``nn.Sequential`` becomes one fused layer
-    (:class:`tvmlayers.nn.ConvReLU2d`/:class:`~tvmlayers.nn.LinearReLU`) and the ReLU an ``nn.Identity``.
+    ``model`` is traced with ``torch.fx`` and the result is a ``torch.fx.GraphModule`` holding ``model``'s
+    children (same names and containers, layers swapped for their tvmlayers twins).  With ``fuse``
+    (default), the graph passes of :mod:`tvmlayers.graph` run: eval-mode BatchNorms folded into the conv or
+    linear before them (not while ``model.training``), conv/linear + relu as one kernel, conv + residual add
+    (+ relu) as one kernel, and torch's functional relu/max_pool2d/linear/conv2d calls become tvmlayers'.
+    ``result.tvmlayers_report`` (a :class:`tvmlayers.graph.ConversionReport`) lists what was folded and
+    fused.  A model that ``torch.fx`` cannot trace (data-dependent control flow) is converted module by
+    module instead, with a warning naming the reason (then only a Conv2d/Linear followed by a ReLU in a
+    plain ``nn.Sequential`` is fused).
+
+    With ``inplace=False`` (default) ``model`` is left untouched (its deep copy is converted); with
+    ``inplace=True`` its own modules are swapped in place, so that ``model`` itself runs the twins too.
     """
-    if type(model) in _TWINS:
-        return _TWINS[type(model)].from_torch(model, target=target)
+    if type(model) in TWINS:
+        return twin(model, target)
     if not inplace:
         model = copy.deepcopy(model)
+    try:
+        return convert_graph(model, target, fuse)
+    except GraphUnsupported as error:
+        warnings.warn(f"tvmlayers.convert: {error}; converting module by module, without graph passes", stacklevel=2)
+        convert_modules(model, target, fuse)
+        model.tvmlayers_report = ConversionReport(fallback=str(error))
+        return model
+
+
+def convert_modules(
+    model: torch.nn.Module, target: TargetLike, fuse: bool, twins: dict[int, torch.nn.Module] | None = None
+) -> None:
+    """Swap ``model``'s layers for their twins in place, recursively, without looking at its dataflow: only a
+    Conv2d/Linear directly followed by a ReLU inside a plain ``nn.Sequential`` (whose forward is
+    Sequential's own: nothing else can see the intermediate) is fused, and neither may have hooks.  ``twins``
+    (id of a torch layer -> its twin) keeps a layer registered twice one module."""
+    twins = {} if twins is None else twins
+    chain = fuse and type(model).forward is torch.nn.Sequential.forward
     children = list(model.named_children())
     index = 0
     while index < len(children):
         name, child = children[index]
         following = children[index + 1][1] if index + 1 < len(children) else None
         if (
-            fuse
-            and isinstance(model, torch.nn.Sequential)
-            and type(child) in _FUSED
+            chain
+            and type(child) in FUSED
             and type(following) is torch.nn.ReLU
+            and not has_forward_hooks(child)
+            and not has_forward_hooks(following)
         ):
-            setattr(model, name, _FUSED[type(child)].from_torch(child, target=target))
+            setattr(model, name, twin(child, target, relu=True))
             setattr(model, children[index + 1][0], torch.nn.Identity())
             index += 2
             continue
-        setattr(model, name, convert(child, target=target, inplace=True, fuse=fuse))
+        if type(child) in TWINS:
+            if id(child) not in twins:
+                twins[id(child)] = twin(child, target)
+            setattr(model, name, twins[id(child)])
+        else:
+            convert_modules(child, target, fuse, twins)
         index += 1
-    return model
