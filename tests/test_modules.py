@@ -154,8 +154,8 @@ def test_convert_inplace_and_subclasses() -> None:
             return super().forward(x) * 2
 
     model = torch.nn.Sequential(MyConv(3, 3, 1), torch.nn.ReLU())
-    result = tl.convert(model, inplace=True)
-    assert result is model
+    result = tl.convert(model, inplace=True)  # a GraphModule holding model's own (converted) children
+    assert result.get_submodule("0") is model[0] and result.get_submodule("1") is model[1]
     assert type(model[0]) is MyConv, "a subclass may change forward: it is left alone"
     assert isinstance(model[1], tl.ReLU)
 
@@ -174,7 +174,7 @@ def test_convert_fuses_conv_and_linear_with_the_following_relu() -> None:
         torch.nn.Linear(32, 10),
     ).eval()
     fused = tl.convert(model)
-    assert [type(m).__name__ for m in fused] == [
+    assert [type(m).__name__ for m in fused.children()] == [
         "ConvReLU2d",
         "Identity",
         "MaxPool2d",
@@ -190,8 +190,8 @@ def test_convert_fuses_conv_and_linear_with_the_following_relu() -> None:
     with torch.no_grad():
         assert_matches_torch(fused(x), model(x))
         assert_matches_torch(tl.convert(model, fuse=False)(x), model(x))
-    assert all(k.spec.get("relu") for k in fused[0].kernels.values())
-    assert [type(m).__name__ for m in tl.convert(model, fuse=False)][:2] == ["Conv2d", "ReLU"]
+    assert all(k.spec.get("relu") for k in fused.get_submodule("0").kernels.values())
+    assert [type(m).__name__ for m in tl.convert(model, fuse=False).children()][:2] == ["Conv2d", "ReLU"]
 
 
 def test_fused_functional_matches_torch() -> None:

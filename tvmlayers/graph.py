@@ -184,7 +184,7 @@ def convert_graph(model: torch.nn.Module, target: TargetLike, fuse: bool) -> tor
             passes.fuse_residual_adds()
     passes.swap_layers()
     graph.lint()
-    converted = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    converted = torch.fx.GraphModule(model, graph)
     # Keep model's own children, parameters and buffers, in model's order: the containers stay what they were
     # (model.layer1[0].conv1 still works), and state_dict has model's keys (less those of folded BatchNorms).
     for table in ("_modules", "_parameters", "_buffers"):
@@ -209,6 +209,7 @@ class _Passes:
         self.names = {id(m): name for name, m in root.named_modules()}
         self.relu_fused: set[int] = set()  # ids of the torch layers that become ConvReLU2d/LinearReLU
         self.residual: set[int] = set()  # ids of the convs whose calls add a residual
+        self.called = self.called_modules()  # before the passes: a ReLU no longer called was fused every time
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -216,6 +217,9 @@ class _Passes:
         if isinstance(node, torch.fx.Node) and node.op == "call_module":
             return self.root.get_submodule(node.target)
         return None
+
+    def called_modules(self) -> set[int]:
+        return {id(self.module(n)) for n in self.graph.nodes if n.op == "call_module"}
 
     def calls(self, module: torch.nn.Module) -> list[torch.fx.Node]:
         return [n for n in self.graph.nodes if n.op == "call_module" and self.module(n) is module]
@@ -402,10 +406,14 @@ class _Passes:
 
     def swap_layers(self) -> None:
         """Every torch layer in the hierarchy -> its tvmlayers twin (fused where decided), also inside leaf
-        modules (a module with hooks is converted layer by layer inside, without graph passes)."""
+        modules (a module with hooks is converted layer by layer inside, without graph passes); a ReLU whose
+        every call was fused -> ``nn.Identity`` (``model`` itself, converted in place, still computes the same)."""
         twins: dict[int, torch.nn.Module] = {}
+        called = self.called_modules()
         for module in list(self.root.modules()):
-            if type(module) in TWINS and id(module) not in twins:
+            if type(module) is torch.nn.ReLU and id(module) in self.called and id(module) not in called:
+                self.replace_module(module, torch.nn.Identity())
+            elif type(module) in TWINS and id(module) not in twins:
                 twins[id(module)] = twin(
                     module, self.target, relu=id(module) in self.relu_fused, residual=id(module) in self.residual
                 )
