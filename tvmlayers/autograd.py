@@ -12,7 +12,7 @@ differentiable (double backward).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +21,7 @@ from .verify import torch_reference
 
 if TYPE_CHECKING:
     from .functional import Plan
+    from .spec import KernelSpec
 
 
 class Layer(torch.autograd.Function):
@@ -39,20 +40,27 @@ class Layer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        tensors = ctx.saved_tensors
-        needed = ctx.needs_input_grad[2:]
-        wanted = [t for t, need in zip(tensors, needed, strict=True) if need]
-        if ctx.spec is None:  # an empty output: no element of any input reaches it
-            found = [torch.zeros_like(t) for t in wanted]
-        else:
-            x, weight, bias, residual = (*tensors, None, None, None)[:4]
-            # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  The
-            # saved tensors keep their own history, so with create_graph the gradients are differentiable.
-            with torch.enable_grad():
-                out = torch_reference(ctx.spec, x, weight, bias, residual)[0]
-            found = torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled())
-        found = iter(found)
-        return (None, None, *(next(found) if need else None for need in needed))
+        return (None, None, *gradients(ctx.spec, ctx.saved_tensors, ctx.needs_input_grad[2:], grad))
+
+
+def gradients(
+    spec: KernelSpec | None, tensors: Sequence[torch.Tensor | None], needed: Sequence[bool], grad: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """The gradients of one call's ``tensors`` (input, weight, bias, residual, as given) where ``needed``, None
+    elsewhere, for the gradient ``grad`` of its first output; ``spec`` None: the output is empty.  Shared by
+    :class:`Layer` and the custom ops' autograd formula (``tvmlayers.torch_ops``)."""
+    wanted = [t for t, need in zip(tensors, needed, strict=True) if need]
+    if spec is None:  # an empty output: no element of any input reaches it
+        found = [torch.zeros_like(t) for t in wanted]
+    else:
+        x, weight, bias, residual = (*tensors, None, None, None)[:4]
+        # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  The
+        # saved tensors keep their own history, so with create_graph the gradients are differentiable.
+        with torch.enable_grad():
+            out = torch_reference(spec, x, weight, bias, residual)[0]
+        found = torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled())
+    found = iter(found)
+    return [next(found) if need else None for need in needed]
 
 
 class ReLUInPlace(torch.autograd.Function):

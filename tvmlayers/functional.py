@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
 import tvm
 from torch.autograd.graph import increment_version
+from torch.compiler import is_dynamo_compiling
 
 from . import layer_specs
 from .autograd import Layer, ReLUInPlace
@@ -72,6 +74,19 @@ _ARGUMENT_NAMES = {
     "relu": ("input",),
 }
 _KEYWORD_ONLY = ("residual",)
+
+
+def traced(input: object) -> bool:
+    """Whether a call is traced rather than run (dynamo, fake or functional tensors, FX proxies): then it goes
+    through ``torch.ops.tvmlayers`` (``tvmlayers.torch_ops``), which tracers see as one op.  Runs on every
+    eager call, so it is two cheap tests: ``is_dynamo_compiling`` is False in eager code, True to dynamo."""
+    return type(input) is not torch.Tensor or is_dynamo_compiling()
+
+
+def _torch_ops() -> ModuleType:
+    from . import torch_ops  # noqa: PLC0415 - torch_ops builds on this module
+
+    return torch_ops
 
 
 def _facts(op: str, position: int, tensor: torch.Tensor | None) -> tuple | None:
@@ -232,6 +247,10 @@ def conv2d(
     shape, dtype and device (no broadcasting), is added in the same kernel: ``relu?(conv2d(...) + residual)``,
     ResNet's shortcut connection.
     """
+    if traced(input):
+        return _torch_ops().conv2d(
+            input, weight, bias, stride, padding, dilation, groups, padding_mode, fuse_relu, residual, target
+        )
     return conv2d_with_plan(
         input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu, residual
     )[0]
@@ -342,6 +361,8 @@ def max_pool2d(
 
     With ``return_indices`` also returns int64 indices into each flattened H*W input plane.
     """
+    if traced(input):
+        return _torch_ops().max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, target)
     outputs, _ = max_pool2d_with_plan(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, target)
     return (outputs[0], outputs[1]) if return_indices else outputs[0]
 
@@ -407,6 +428,8 @@ def linear(
 
     ``fuse_relu=True`` computes ``relu(linear(...))`` in one kernel.
     """
+    if traced(input):
+        return _torch_ops().linear(input, weight, bias, fuse_relu, target)
     return linear_with_plan(input, weight, bias, target, fuse_relu)[0]
 
 
@@ -445,6 +468,8 @@ def _relu_plan(tensors: tuple, target: tvm.target.Target) -> Plan:
 
 def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = None) -> torch.Tensor:
     """max(0, x) elementwise; with ``inplace=True`` the result is written into ``input``, which is returned."""
+    if traced(input):
+        return _torch_ops().relu(input, inplace, target)
     return relu_with_plan(input, inplace, target)[0]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from .. import torch_ops
 from ..targets import TargetLike
 from ._base import CompiledLayer
 
@@ -29,6 +30,8 @@ class ReLU(CompiledLayer):
         self._init_compiled(target)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
+            return torch_ops.relu(input, self.inplace, self.target)
         out, plan = F.relu_with_plan(input, self.inplace, target=self.target)
         self._remember(input, plan)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from .. import torch_ops
 from ..ops import shapes
 from ..targets import TargetLike
 from ._base import CompiledLayer
@@ -91,6 +92,11 @@ class Conv2d(CompiledLayer):
         self._init_parameters((out_channels, in_channels // groups, *kernel_size_), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
+            return torch_ops.conv2d(
+                input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                self.padding_mode, self._fuse_relu, None, self.target,
+            )  # fmt: skip
         out, plan = F.conv2d_with_plan(
             input,
             self.weight,

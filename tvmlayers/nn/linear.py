@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from .. import torch_ops
 from ..targets import TargetLike
 from ._base import CompiledLayer
 
@@ -57,6 +58,8 @@ class Linear(CompiledLayer):
         self._init_parameters((out_features, in_features), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
+            return torch_ops.linear(input, self.weight, self.bias, self._fuse_relu, self.target)
         out, plan = F.linear_with_plan(input, self.weight, self.bias, self.target, self._fuse_relu)
         self._remember(input, plan)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from .. import torch_ops
 from ..targets import TargetLike
 from ._base import CompiledLayer
 
@@ -56,6 +57,11 @@ class MaxPool2d(CompiledLayer):
         self._init_compiled(target)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
+            return torch_ops.max_pool2d(
+                input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                self.return_indices, self.target,
+            )  # fmt: skip
         outputs, plan = F.max_pool2d_with_plan(
             input,
             self.kernel_size,
