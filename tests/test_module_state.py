@@ -180,12 +180,12 @@ def test_copies_after_the_first_call(how: str) -> None:
     with torch.no_grad():
         before = model(x)
         twin = COPIES[how](model)
-        assert twin[0].kernels == {}  # kernels are reloaded on demand, not copied
+        assert twin.get_submodule("0").kernels == {}  # kernels are reloaded on demand, not copied
         torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
-        assert list(twin[0].kernels) == [x.shape]
+        assert list(twin.get_submodule("0").kernels) == [x.shape]
         assert_matches_torch(twin(x), reference(x))
         # the copy's weights are its own and still tracked
-        twin[0].weight.data.mul_(2.0)
+        twin.get_submodule("0").weight.data.mul_(2.0)
         reference[0].weight.data.mul_(2.0)
         assert_matches_torch(twin(x), reference(x))
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
@@ -233,5 +233,5 @@ def test_torch_compile_sees_data_writes() -> None:
     with torch.no_grad():
         assert_matches_torch(compiled(x), reference(x))
         for model in (converted, reference):
-            model[0].weight.data.mul_(-1.0)
+            model.get_submodule("0").weight.data.mul_(-1.0)
         assert_matches_torch(compiled(x), reference(x))
