@@ -1,7 +1,8 @@
 """Layers followed by ReLU, computed in one kernel: the relu is the epilogue of the conv2d/linear kernel,
 so the output is written once instead of being written, read and written again.  ``tvmlayers.convert``
-puts them in place of a Conv2d/Linear that a ReLU follows in an ``nn.Sequential`` (the ReLU becomes an
-``nn.Identity``); parameters and ``state_dict`` keys stay those of the Conv2d/Linear.
+puts them in place of a Conv2d/Linear whose output only a relu reads (``tvmlayers.graph``: a ReLU module
+fused at every call becomes an ``nn.Identity``); parameters and ``state_dict`` keys stay those of the
+Conv2d/Linear.
 
 ``ConvAdd2d``/``ConvAddReLU2d`` add a second input, ResNet's shortcut, in the same epilogue:
 ``relu?(conv2d(x) + residual)``; their ``forward`` takes ``(input, residual)``."""
