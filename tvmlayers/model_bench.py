@@ -368,6 +368,9 @@ def _onnxruntime_call(model: torch.nn.Module, x: torch.Tensor, threads: int) -> 
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ORT's own pool spins after each run by default: in the alternating rounds that would take the cores from
+    # the next candidate (the others share torch's pool), so its threads sleep and ORT pays its own wake-up
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(
         program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
