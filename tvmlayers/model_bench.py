@@ -395,7 +395,6 @@ def bench_model(
     warmup: int = 3,
     peers: Sequence[str] = PEERS,
     layers: bool = True,
-    name: str | None = None,
 ) -> ModelReport:
     """Benchmark one model (a torchvision classifier name, a Python file, or a module with ``input_shape``)."""
     unknown = set(peers) - set(PEERS)
@@ -412,7 +411,7 @@ def bench_model(
     model = model.eval()
     randomize_batchnorm(model)
     report = ModelReport(
-        name or (Path(source).stem if isinstance(source, str) else origin),
+        Path(source).stem if isinstance(source, str) else origin,
         origin,
         list(shape),
         target_key(target),
