@@ -214,11 +214,11 @@ def test_torch_jit_is_refused_with_what_works() -> None:
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         model(x)  # a traced call must not find this call's memoized plan
-    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.compile.*not supported yet"):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.compile.*ONNX export is not supported"):
         torch.jit.trace(model, x)
     with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*torch\.compile"):
         torch.jit.trace(lambda t: tl.functional.relu(t), x)
-    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.compile.*not supported yet"):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.compile.*ONNX export is not supported"):
         torch.jit.script(model)
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script"):
         torch.jit.script(tl.Linear(3, 2))

@@ -22,6 +22,8 @@ _LAZY = {
     "save_workloads": "tvmlayers.tuning.workloads",
     "Workload": "tvmlayers.tuning.workloads",
     "bench": "tvmlayers.benchmark",
+    "precompile": "tvmlayers.aot",
+    "PrecompileReport": "tvmlayers.aot",
 }
 
 

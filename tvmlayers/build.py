@@ -123,15 +123,30 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     return kernel
 
 
+def is_cached(spec: KernelSpec, cache_dir: Path | str | None = None) -> bool:
+    """Whether ``kernel_for(spec, cache_dir)`` would load its kernel from the disk cache, compiling nothing
+    (``tvmlayers.precompile`` sends only the others to its workers)."""
+    layout = schedules.weight_layout(spec)
+    tuned = _tuned_record(spec, layout)
+    key, expect = _cache_key(spec, layout, tuned[1] if tuned else None)
+    return KernelCache(cache_dir).load(key, expect) is not None
+
+
+def _cache_key(spec: KernelSpec, layout: dict, record: TuningRecord | None) -> tuple[str, dict]:
+    """The kernel cache key of ``spec`` scheduled by ``record`` (None: the default rules), and the manifest
+    fields its entry must hold."""
+    schedule_id = {"source": "tuned", "record": record.id} if record else {"source": "default"}
+    schedule_id["code"] = code_fingerprint()
+    key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
+    return key, {"spec": spec.to_json(), "layout": layout}  # an entry made for another spec is never loaded
+
+
 def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
     layout = schedules.weight_layout(spec)
     while True:
         tuned = _tuned_record(spec, layout)
         record = tuned[1] if tuned else None
-        schedule_id = {"source": "tuned", "record": record.id} if record else {"source": "default"}
-        schedule_id["code"] = code_fingerprint()
-        key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
-        expect = {"spec": spec.to_json(), "layout": layout}  # an entry made for another spec is never loaded
+        key, expect = _cache_key(spec, layout, record)
         try:
             entry, built = kernel_cache.get_or_build(key, lambda so, r=record: _compile(spec, layout, so, r), expect)
         except RecordError as wrong:

@@ -13,7 +13,12 @@ from .targets import TargetLike
 
 
 def convert(
-    model: torch.nn.Module, target: TargetLike = None, inplace: bool = False, fuse: bool = True
+    model: torch.nn.Module,
+    target: TargetLike = None,
+    inplace: bool = False,
+    fuse: bool = True,
+    *,
+    example_inputs: tuple | None = None,
 ) -> torch.nn.Module:
     """Replace every ``nn.Conv2d``/``MaxPool2d``/``Linear``/``ReLU`` in ``model``, fused where the dataflow
     proves it safe, computing what ``model`` computes.
@@ -30,7 +35,16 @@ def convert(
 
     With ``inplace=False`` (default) ``model`` is left untouched (its deep copy is converted); with
     ``inplace=True`` its own modules are swapped in place, so that ``model`` itself runs the twins too.
+
+    With ``example_inputs`` (a tuple of the forward's arguments), every kernel the converted model needs for
+    them is compiled now, in parallel processes (:func:`tvmlayers.precompile`).
     """
+    if example_inputs is not None:
+        from .aot import precompile  # noqa: PLC0415 - it imports the fake-tensor machinery
+
+        converted = convert(model, target, inplace, fuse)
+        precompile(converted, *example_inputs)
+        return converted
     if type(model) in TWINS:
         return twin(model, target)
     if not inplace:

@@ -43,8 +43,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 _PLAN_CACHE = 4096
 JIT_UNSUPPORTED = (
     "tvmlayers layers cannot be compiled by torch.jit.{how}: their kernels are TVM functions that "
-    "TorchScript cannot record. Run the model eagerly or with torch.compile (which calls the kernels "
-    "as they are); ONNX export and torch.export are not supported yet."
+    "TorchScript cannot record. Run the model eagerly, with torch.compile (which sees the layers "
+    "as custom ops) or torch.export; ONNX export is not supported."
 )
 
 
