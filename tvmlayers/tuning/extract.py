@@ -26,7 +26,9 @@ def _kind(module: torch.nn.Module) -> str | None:
     return next((op for op, classes in kinds.items() if isinstance(module, classes)), None)
 
 
-def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Target) -> KernelSpec | None:
+def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target) -> KernelSpec | None:
+    """The spec of the call ``module(*args)``: a fused layer's (relu, residual) as such, since it runs one kernel."""
+    x = args[0]
     dtype = DTYPE_NAMES.get(x.dtype)
     kind = _kind(module)
     if dtype is None or kind is None:
@@ -46,6 +48,7 @@ def _layer_spec(module: torch.nn.Module, x: torch.Tensor, target: tvm.target.Tar
             module.groups,
             module.padding_mode,
             getattr(module, "_fuse_relu", False),
+            residual=tuple(args[1].shape) if isinstance(module, nn.ConvAdd2d) else None,
         )
     elif kind == "max_pool2d":
         spec, _ = layer_specs.max_pool2d_spec(
@@ -77,7 +80,7 @@ def extract_workloads(model: torch.nn.Module, *example_inputs: Any) -> list[Work
     seen: Counter[KernelSpec] = Counter()
 
     def record(module: torch.nn.Module, args: tuple) -> None:
-        spec = _layer_spec(module, args[0], host)
+        spec = _layer_spec(module, args, host)
         if spec is not None:
             seen[spec] += 1
 

@@ -18,7 +18,8 @@ Format (version 1)::
     #               padding_mode = "zeros", bias = true
     #   max_pool2d: kernel_size, stride, padding, dilation (pairs), ceil_mode, return_indices
     #   linear:     weight_shape = [out_features, in_features], bias = true
-    #   conv2d and linear may add relu = true (the fused layer)
+    #   conv2d and linear may add relu = true (the fused layer), conv2d residual = true (an added input of
+    #   the output's shape, ResNet's shortcut: relu?(conv2d + residual))
 
 Hand-written files use torch's normalized values (e.g. padding 1 becomes [1, 1, 1, 1]);
 :func:`tvmlayers.tuning.extract.extract_workloads` writes them for any model.  Every parameter is
