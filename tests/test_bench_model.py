@@ -139,3 +139,15 @@ def test_torchvision_classifiers_load() -> None:
     assert shape == (1, 3, 224, 224) and origin.startswith("torchvision")
     with pytest.raises(ValueError, match="neither a Python file nor a torchvision classifier"):
         load_model("no_such_net")
+
+
+def test_a_conversion_that_fails_is_reported_and_the_peers_still_run(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(model: torch.nn.Module, target: object = None) -> torch.nn.Module:
+        raise NotImplementedError("no twin for this layer\nsecond line")
+
+    monkeypatch.setattr(model_bench, "convert", unsupported)
+    report = bench_model(str(tiny), threads=1, repeat=2, warmup=1, peers=["eager"])
+    assert report.candidate("tvmlayers").status == "failed: NotImplementedError: no twin for this layer"
+    assert report.candidate("eager").ms > 0 and not report.layers_settled

@@ -396,7 +396,8 @@ def bench_model(
     peers: Sequence[str] = PEERS,
     layers: bool = True,
 ) -> ModelReport:
-    """Benchmark one model (a torchvision classifier name, a Python file, or a module with ``input_shape``)."""
+    """Benchmark one model: a torchvision classifier name, a Python file, or a module with ``input_shape`` (its
+    BatchNorm statistics are randomized in place).  ``peers`` besides tvmlayers; eager always runs."""
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peer(s) {sorted(unknown)}: choose from {', '.join(PEERS)}")
@@ -421,11 +422,12 @@ def bench_model(
     )
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     # converted and exported before inference mode, as a user would set a model up
-    converted = convert(model, target=target)
-    report.fused = fusion_summary(converted)
-    conversion = getattr(converted, "tvmlayers_report", None)
-    report.conversion = conversion.summary() if conversion is not None else ""
-    calls: dict[str, Callable] = {"tvmlayers": lambda: converted(x)}
+    converted = None
+    try:
+        converted = convert(model, target=target)
+    except Exception as err:  # noqa: BLE001 - a model convert cannot handle is a failed candidate; peers still run
+        report.candidates.append(Candidate("tvmlayers", f"failed: {_one_line(err)}"))
+    calls: dict[str, Callable] = {} if converted is None else {"tvmlayers": lambda: converted(x)}
     for peer in ("eager", *(p for p in PEERS if p in peers and p != "eager")):
         try:
             calls[peer] = _peer_call(peer, model, x, report.threads)
@@ -435,7 +437,11 @@ def bench_model(
             report.candidates.append(Candidate(peer, f"failed: {_one_line(err)}"))
     with torch.inference_mode():
         want = _first(model(x))
-        report.leaves, report.leaves_matched, report.first_unmatched = match_leaves(model, converted, x)
+        if converted is not None:
+            report.fused = fusion_summary(converted)
+            conversion = getattr(converted, "tvmlayers_report", None)
+            report.conversion = conversion.summary() if conversion is not None else ""
+            report.leaves, report.leaves_matched, report.first_unmatched = match_leaves(model, converted, x)
         timed = _check(calls, want, report)
         times = _interleaved([calls[n] for n in timed], repeat, warmup, block=1, settle_s=0.0)
         for candidate_name, seconds in zip(timed, times, strict=True):
