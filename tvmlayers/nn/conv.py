@@ -92,10 +92,14 @@ class Conv2d(CompiledLayer):
         self._init_parameters((out_channels, in_channels // groups, *kernel_size_), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv(input, None)
+
+    def _conv(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The layer's kernel on ``input`` (plus ``residual`` in its epilogue, for the fused subclasses)."""
         if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
             return torch_ops.conv2d(
                 input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                self.padding_mode, self._fuse_relu, None, self.target,
+                self.padding_mode, self._fuse_relu, residual, self.target,
             )  # fmt: skip
         out, plan = F.conv2d_with_plan(
             input,
@@ -108,6 +112,7 @@ class Conv2d(CompiledLayer):
             padding_mode=self.padding_mode,
             target=self.target,
             fuse_relu=self._fuse_relu,
+            residual=residual,
         )
         self._remember(input, plan)
         return out

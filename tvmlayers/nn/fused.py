@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional as F
-from .. import torch_ops
 from .conv import Conv2d
 from .linear import Linear
 
@@ -28,26 +26,7 @@ class ConvAdd2d(Conv2d):
     broadcasting); the constructor, parameters and ``from_torch`` are :class:`Conv2d`'s."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
-            return torch_ops.conv2d(
-                input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                self.padding_mode, self._fuse_relu, residual, self.target,
-            )  # fmt: skip
-        out, plan = F.conv2d_with_plan(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            padding_mode=self.padding_mode,
-            target=self.target,
-            fuse_relu=self._fuse_relu,
-            residual=residual,
-        )
-        self._remember(input, plan)
-        return out
+        return self._conv(input, residual)
 
 
 class ConvAddReLU2d(ConvAdd2d):
