@@ -128,3 +128,28 @@ def conv_child_report(process: subprocess.Popen) -> dict:
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0
     return json.loads(out.strip().splitlines()[-1])
+
+
+def torch_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding_mode: str = "zeros",
+    fuse_relu: bool = False,
+    residual: torch.Tensor | float | None = None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """What a torch user computes for ``tl.functional.conv2d``: nn.Conv2d (whose padding_mode the functional
+    form takes), then ``+ residual``, then relu."""
+    module = torch.nn.Conv2d(
+        weight.shape[1] * kwargs.get("groups", 1),
+        weight.shape[0],
+        weight.shape[2:],
+        bias=bias is not None,
+        padding_mode=padding_mode,
+        dtype=weight.dtype,
+        **kwargs,
+    )
+    out = module._conv_forward(x, weight, bias)
+    out = out + residual if residual is not None else out
+    return torch.relu(out) if fuse_relu else out

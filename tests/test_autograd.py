@@ -10,7 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
-from conftest import assert_matches_torch
+from conftest import assert_matches_torch, torch_conv2d
 
 DOUBLE = torch.float64
 
@@ -50,21 +50,6 @@ CONV_CASES = {
     ),
     "circular, unbatched": ((2, 5, 6), (3, 2, 3, 3), dict(padding=(1, 2), padding_mode="circular")),
 }
-
-
-def torch_conv2d(x, weight, bias, padding_mode="zeros", fuse_relu=False, **kwargs) -> torch.Tensor:
-    """What nn.Conv2d (then nn.ReLU) computes: tl.functional.conv2d's padding_mode is the module's."""
-    module = torch.nn.Conv2d(
-        weight.shape[1] * kwargs.get("groups", 1),
-        weight.shape[0],
-        weight.shape[2:],
-        bias=bias is not None,
-        padding_mode=padding_mode,
-        dtype=weight.dtype,
-        **kwargs,
-    )
-    out = module._conv_forward(x, weight, bias)
-    return F.relu(out) if fuse_relu else out
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)

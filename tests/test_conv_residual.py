@@ -15,7 +15,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
-from conftest import HOST, assert_matches_torch
+from conftest import HOST, assert_matches_torch, torch_conv2d
 from tvmlayers import ops, schedules
 from tvmlayers.benchmark import bench_spec
 from tvmlayers.schedules.generic import GenericParallel
@@ -51,21 +51,6 @@ GRAD_CASES = {
 }
 
 
-def torch_block(x, weight, bias, residual, padding_mode="zeros", fuse_relu=False, **kwargs) -> torch.Tensor:
-    """What a torch user writes: nn.Conv2d (with its padding_mode), ``+ residual``, then relu."""
-    module = torch.nn.Conv2d(
-        weight.shape[1] * kwargs.get("groups", 1),
-        weight.shape[0],
-        weight.shape[2:],
-        bias=bias is not None,
-        padding_mode=padding_mode,
-        dtype=weight.dtype,
-        **kwargs,
-    )
-    out = module._conv_forward(x, weight, bias) + residual
-    return F.relu(out) if fuse_relu else out
-
-
 def case_tensors(
     case: str, dtype: torch.dtype, requires_grad: bool = False, cases: dict = CASES
 ) -> tuple[torch.Tensor, ...]:
@@ -83,7 +68,7 @@ def case_tensors(
         residual = F.conv2d(x.detach(), shortcut, stride=2).requires_grad_(requires_grad)
     else:
         without = {k: v for k, v in kwargs.items() if k != "fuse_relu"}
-        residual = rand(*torch_block(x.detach(), w.detach(), None, 0, **without).shape)
+        residual = rand(*torch_conv2d(x.detach(), w.detach(), None, residual=0, **without).shape)
     return x, w, bias, residual
 
 
@@ -94,12 +79,12 @@ def test_matches_torch(case: str, dtype: torch.dtype) -> None:
     kwargs = CASES[case][2]
     with torch.no_grad():
         out = tf.conv2d(x, w, bias, residual=residual, **kwargs)
-    assert_matches_torch(out, torch_block(x, w, bias, residual, **kwargs))
+    assert_matches_torch(out, torch_conv2d(x, w, bias, residual=residual, **kwargs))
 
 
 def test_channels_last_and_unaligned_residuals() -> None:
     x, w, bias, residual = case_tensors("3x3, bias, relu", torch.float32)
-    expected = torch_block(x, w, bias, residual, padding=1, fuse_relu=True)
+    expected = torch_conv2d(x, w, bias, residual=residual, padding=1, fuse_relu=True)
     x_cl, r_cl = x.contiguous(memory_format=torch.channels_last), residual.contiguous(memory_format=torch.channels_last)
     both = tf.conv2d(x_cl, w, bias, padding=1, fuse_relu=True, residual=r_cl)
     assert_matches_torch(both, expected)
@@ -165,7 +150,7 @@ def test_gradients_include_the_residual(case: str) -> None:
         return tf.conv2d(x, w.clone(), *bias, residual=residual, **kwargs)
 
     assert gradcheck(block, tensors)
-    out, expected = block(*tensors), torch_block(x, w, bias, residual, **kwargs)
+    out, expected = block(*tensors), torch_conv2d(x, w, bias, residual=residual, **kwargs)
     assert out.grad_fn is not None
     grad = torch.randn_like(expected)
     for got, want in zip(
@@ -181,7 +166,7 @@ def test_only_the_residual_requires_grad() -> None:
     residual.requires_grad_()
     out = tf.conv2d(x, w, bias, padding=1, fuse_relu=True, residual=residual)
     out.sum().backward()
-    expected = torch_block(x, w, bias, residual, padding=1, fuse_relu=True)
+    expected = torch_conv2d(x, w, bias, residual=residual, padding=1, fuse_relu=True)
     assert torch.equal(residual.grad, (expected > 0).double())
 
 
