@@ -79,8 +79,8 @@ def test_mobilenet_inverted_residual_block() -> None:
     converted = tl.convert(block)
     report = converted.tvmlayers_report
     assert len(report.folded) == 3 and report.fused_residual == ["block.6"]  # x + block(x), no relu after
-    assert report.fused_relu == []  # ReLU6 stays torch's
-    assert names(converted).count("ReLU6") == 2
+    assert report.fused_relu == [] and report.fused_relu6 == ["block.0", "block.3"]  # conv -> BN -> ReLU6
+    assert names(converted).count("ReLU6") == 0 and names(converted).count("Conv2dReLU6") == 2
     x = torch.randn(2, 16, 12, 12)
     with torch.no_grad():
         assert_close_scaled(converted(x), block(x))
@@ -280,8 +280,8 @@ def test_example_models_fold_fuse_and_match_torch(module) -> None:
     assert len(report.folded) == norms and "BatchNorm2d" not in names(converted)
     if module is resnet18:  # the stem and every block's first conv + relu; every block's second conv + add + relu
         assert len(report.fused_relu) == 9 and len(report.fused_residual) == 8
-    else:  # ReLU6 is not fused; the 10 blocks with a shortcut add it in their projection's kernel
-        assert report.fused_relu == [] and len(report.fused_residual) == 10
+    else:  # all 35 ReLU6 fused; the 10 blocks with a shortcut add it in their projection's kernel
+        assert report.fused_relu == [] and len(report.fused_relu6) == 35 and len(report.fused_residual) == 10
     print(report.summary())
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

@@ -55,17 +55,17 @@ def _cases() -> list[tuple[str, object, tuple]]:
     residual = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     return [
-        ("conv2d fused relu", ops.conv2d.default, (x, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "zeros", True, "host")),  # noqa: E501
-        ("conv2d same residual", ops.conv2d.default, (x, w, None, residual, [1, 1], [], "same", [1, 1], 1, "reflect", False, "host")),  # noqa: E501
-        ("conv2d unbatched", ops.conv2d.default, (x[0], w, b, None, [2, 1], [0, 1], "", [1, 2], 1, "zeros", False, "host")),  # noqa: E501
-        ("conv2d channels_last", ops.conv2d.default, (x_cl, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "zeros", False, "host")),  # noqa: E501
-        ("conv2d circular", ops.conv2d.default, (x_cl, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "circular", False, "host")),  # noqa: E501
+        ("conv2d fused relu", ops.conv2d.default, (x, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "zeros", True, False, "host")),  # noqa: E501
+        ("conv2d same residual", ops.conv2d.default, (x, w, None, residual, [1, 1], [], "same", [1, 1], 1, "reflect", False, False, "host")),  # noqa: E501
+        ("conv2d unbatched", ops.conv2d.default, (x[0], w, b, None, [2, 1], [0, 1], "", [1, 2], 1, "zeros", False, False, "host")),  # noqa: E501
+        ("conv2d channels_last", ops.conv2d.default, (x_cl, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "zeros", False, False, "host")),  # noqa: E501
+        ("conv2d circular", ops.conv2d.default, (x_cl, w, b, None, [1, 1], [1, 1], "", [1, 1], 1, "circular", False, False, "host")),  # noqa: E501
         ("max_pool2d ceil", ops.max_pool2d.default, (x, [2, 2], [], [1, 1], [1, 1], True, "host")),
         ("max_pool2d indices", ops.max_pool2d_with_indices.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], False, "host")),
         ("max_pool2d indices unbatched", ops.max_pool2d_with_indices.default, (x[0], [2, 2], [], [0, 0], [1, 1], True, "host")),  # noqa: E501
         ("max_pool2d channels_last", ops.max_pool2d_with_indices.default, (x_cl, [2, 2], [], [0, 0], [1, 1], False, "host")),  # noqa: E501
-        ("linear", ops.linear.default, (torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(3, 7, dtype=torch.float64, requires_grad=True), None, False, "host")),  # noqa: E501
-        ("linear 3-d fused", ops.linear.default, (torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64), torch.randn(3, dtype=torch.float64), True, "host")),  # noqa: E501
+        ("linear", ops.linear.default, (torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(3, 7, dtype=torch.float64, requires_grad=True), None, False, False, "host")),  # noqa: E501
+        ("linear 3-d fused", ops.linear.default, (torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64), torch.randn(3, dtype=torch.float64), True, False, "host")),  # noqa: E501
         ("relu", ops.relu.default, (x, "host")),
         ("relu channels_last", ops.relu.default, (x_cl, "host")),
         ("relu 0-d", ops.relu.default, (torch.tensor(-1.5, dtype=torch.float64), "host")),

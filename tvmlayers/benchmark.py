@@ -24,6 +24,7 @@ from . import schedules
 from .formats import REPORT_FORMAT
 from .nn import ReLU
 from .ops import SYMBOL
+from .ops.relu import ACTIVATIONS, spec_activation
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
@@ -159,10 +160,11 @@ def render_table(header: list[str], lines: list[list[str]], markdown: bool = Fal
 
 
 def _label(spec: KernelSpec) -> str:
-    """A short name of a layer call, e.g. ``conv2d+add+relu 1x64x56x56 64->64 k3x3 s1 p1``."""
+    """A short name of a layer call, e.g. ``conv2d+add+relu 1x64x56x56 64->64 k3x3 s1 p1`` (or ``+relu6``)."""
     p = dict(spec.params)
     shape = "x".join(map(str, spec.input_shape))
-    op = spec.op + ("+add" if p.get("residual") else "") + ("+relu" if p.get("relu") else "")
+    activation = spec_activation(p)
+    op = spec.op + ("+add" if p.get("residual") else "") + (f"+{activation}" if activation else "")
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = p["weight_shape"]
         groups = f" g{p['groups']}" if p["groups"] != 1 else ""
@@ -191,19 +193,19 @@ def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Calla
     """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments)."""
     x, w, b, r = random_inputs(spec, torch.Generator().manual_seed(0))
     p = dict(spec.params)
-    fused = bool(p.get("relu", False))
+    fused = {f"fuse_{name}": bool(p.get(name, False)) for name in ACTIVATIONS}
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
         padding = (top, left) if (top, left) == (bottom, right) else "same"  # only 'same' pads unevenly
         args = (p["stride"], padding, p["dilation"], p["groups"])
         ours = lambda: tf.conv2d(  # noqa: E731
-            x, w, b, *args, padding_mode=p["padding_mode"], fuse_relu=fused, residual=r, target=target
+            x, w, b, *args, padding_mode=p["padding_mode"], **fused, residual=r, target=target
         )
     elif spec.op == "max_pool2d":
         args = (p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], p["return_indices"])
         ours = lambda: tf.max_pool2d(x, *args, target=target)  # noqa: E731
     elif spec.op == "linear":
-        ours = lambda: tf.linear(x, w, b, fuse_relu=fused, target=target)  # noqa: E731
+        ours = lambda: tf.linear(x, w, b, **fused, target=target)  # noqa: E731
     else:
         ours = lambda: tf.relu(x, target=target)  # noqa: E731
     layout = schedules.weight_layout(spec)

@@ -8,7 +8,16 @@ import warnings
 
 import torch
 
-from .graph import FUSED, TWINS, ConversionReport, GraphUnsupported, convert_graph, has_forward_hooks, twin
+from .graph import (
+    FUSED,
+    TWINS,
+    ConversionReport,
+    GraphUnsupported,
+    convert_graph,
+    has_forward_hooks,
+    module_activation,
+    twin,
+)
 from .targets import TargetLike
 
 
@@ -26,12 +35,12 @@ def convert(
     ``model`` is traced with ``torch.fx`` and the result is a ``torch.fx.GraphModule`` holding ``model``'s
     children (same names and containers, layers swapped for their tvmlayers twins).  With ``fuse``
     (default), the graph passes of :mod:`tvmlayers.graph` run: eval-mode BatchNorms folded into the conv or
-    linear before them (not while ``model.training``), conv/linear + relu as one kernel, conv + residual add
+    linear before them (not while ``model.training``), conv/linear + relu or relu6 as one kernel, conv + residual add
     (+ relu) as one kernel, and torch's functional relu/max_pool2d/linear/conv2d calls become tvmlayers'.
     ``result.tvmlayers_report`` (a :class:`tvmlayers.graph.ConversionReport`) lists what was folded and
     fused.  A model that ``torch.fx`` cannot trace (data-dependent control flow) is converted module by
     module instead, with a warning naming the reason (then only a Conv2d/Linear followed by a ReLU in a
-    plain ``nn.Sequential`` is fused).
+    plain ``nn.Sequential`` is fused with it).
 
     With ``inplace=False`` (default) ``model`` is left untouched (its deep copy is converted); with
     ``inplace=True`` its own modules are swapped in place, so that ``model`` itself runs the twins too.
@@ -62,7 +71,7 @@ def convert_modules(
     model: torch.nn.Module, target: TargetLike, fuse: bool, twins: dict[int, torch.nn.Module] | None = None
 ) -> None:
     """Swap ``model``'s layers for their twins in place, recursively, without looking at its dataflow: only a
-    Conv2d/Linear directly followed by a ReLU inside a plain ``nn.Sequential`` (whose forward is
+    Conv2d/Linear directly followed by a ReLU or ReLU6 inside a plain ``nn.Sequential`` (whose forward is
     Sequential's own: nothing else can see the intermediate) is fused, and neither may have hooks.  ``twins``
     (id of a torch layer -> its twin) keeps a layer registered twice one module."""
     twins = {} if twins is None else twins
@@ -72,14 +81,9 @@ def convert_modules(
     while index < len(children):
         name, child = children[index]
         following = children[index + 1][1] if index + 1 < len(children) else None
-        if (
-            chain
-            and type(child) in FUSED
-            and type(following) is torch.nn.ReLU
-            and not has_forward_hooks(child)
-            and not has_forward_hooks(following)
-        ):
-            setattr(model, name, twin(child, target, relu=True))
+        activation = module_activation(following) if chain else None
+        if activation is not None and type(child) in FUSED[activation] and not has_forward_hooks(child):
+            setattr(model, name, twin(child, target, activation))
             setattr(model, children[index + 1][0], torch.nn.Identity())
             index += 2
             continue

@@ -210,6 +210,7 @@ def _conv2d_plan(
     groups: int,
     padding_mode: str,
     relu: bool,
+    relu6: bool,
 ) -> Plan:
     # ``tensors`` ends with the residual's facts (None without one)
     input, residual = tensors[0], tensors[3]
@@ -221,8 +222,9 @@ def _conv2d_plan(
     dtype = _check_types("conv2d", tensors, target)
     *shapes, residual_shape = _shapes(tensors)
     spec, out_shape = layer_specs.conv2d_spec(
-        *shapes, dtype, target, stride, padding, dilation, groups, padding_mode, relu, residual=residual_shape
-    )
+        *shapes, dtype, target, stride, padding, dilation, groups, padding_mode, relu,
+        residual=residual_shape, relu6=relu6,
+    )  # fmt: skip
     return _plan(tensors[0], spec, out_shape, keeps_channels_last=padding_mode != "circular")
 
 
@@ -237,22 +239,25 @@ def conv2d(
     *,
     padding_mode: str = "zeros",
     fuse_relu: bool = False,
+    fuse_relu6: bool = False,
     residual: torch.Tensor | None = None,
     target: TargetLike = None,
 ) -> torch.Tensor:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``; input (N, C_in, H, W) or (C_in, H, W).
 
     ``padding_mode`` ('zeros', 'reflect', 'replicate', 'circular') pads like ``nn.Conv2d`` does;
-    ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel.  ``residual``, a tensor of the output's
+    ``fuse_relu=True`` computes ``relu(conv2d(...))`` in one kernel, ``fuse_relu6=True``
+    ``relu6(conv2d(...))`` (MobileNet's activation; not both).  ``residual``, a tensor of the output's
     shape, dtype and device (no broadcasting), is added in the same kernel: ``relu?(conv2d(...) + residual)``,
     ResNet's shortcut connection.
     """
     if traced(input):
         return _torch_ops().conv2d(
-            input, weight, bias, stride, padding, dilation, groups, padding_mode, fuse_relu, residual, target
-        )
+            input, weight, bias, stride, padding, dilation, groups, padding_mode, fuse_relu, fuse_relu6, residual,
+            target,
+        )  # fmt: skip
     return conv2d_with_plan(
-        input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu, residual
+        input, weight, bias, stride, padding, dilation, groups, padding_mode, target, fuse_relu, residual, fuse_relu6
     )[0]
 
 
@@ -268,9 +273,10 @@ def conv2d_with_plan(
     target: TargetLike,
     fuse_relu: bool = False,
     residual: torch.Tensor | None = None,
+    fuse_relu6: bool = False,
 ) -> tuple[torch.Tensor, Plan]:
-    """``conv2d`` (plus ``residual``, then relu with ``fuse_relu``, in the same kernel) and the plan that
-    computed it."""
+    """``conv2d`` (plus ``residual``, then relu with ``fuse_relu`` or relu6 with ``fuse_relu6``, in the same
+    kernel) and the plan that computed it."""
     tensors = (
         _facts("conv2d", 0, input),
         _facts("conv2d", 1, weight),
@@ -286,6 +292,7 @@ def conv2d_with_plan(
         groups,
         padding_mode,
         bool(fuse_relu),
+        bool(fuse_relu6),
     )
     if torch.is_grad_enabled() and (
         input.requires_grad
@@ -410,10 +417,10 @@ def _max_pool2d(plan: Plan, input: torch.Tensor) -> list[torch.Tensor]:
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def _linear_plan(tensors: tuple, target: tvm.target.Target, relu: bool) -> Plan:
+def _linear_plan(tensors: tuple, target: tvm.target.Target, relu: bool, relu6: bool) -> Plan:
     dtype = _check_types("linear", tensors, target)
     shapes = _shapes(tensors)
-    return _plan(tensors[0], *layer_specs.linear_spec(*shapes, dtype, target, relu))
+    return _plan(tensors[0], *layer_specs.linear_spec(*shapes, dtype, target, relu, relu6))
 
 
 def linear(
@@ -422,28 +429,35 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     fuse_relu: bool = False,
+    fuse_relu6: bool = False,
     target: TargetLike = None,
 ) -> torch.Tensor:
     """y = x W^T + b, as ``torch.nn.functional.linear``; input (*, in_features), weight (out, in).
 
-    ``fuse_relu=True`` computes ``relu(linear(...))`` in one kernel.
+    ``fuse_relu=True`` computes ``relu(linear(...))`` in one kernel, ``fuse_relu6=True`` ``relu6(linear(...))``
+    (not both).
     """
     if traced(input):
-        return _torch_ops().linear(input, weight, bias, fuse_relu, target)
-    return linear_with_plan(input, weight, bias, target, fuse_relu)[0]
+        return _torch_ops().linear(input, weight, bias, fuse_relu, fuse_relu6, target)
+    return linear_with_plan(input, weight, bias, target, fuse_relu, fuse_relu6)[0]
 
 
 def linear_with_plan(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: TargetLike, fuse_relu: bool = False
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: TargetLike,
+    fuse_relu: bool = False,
+    fuse_relu6: bool = False,
 ) -> tuple[torch.Tensor, Plan]:
-    """``linear`` (followed by relu in the same kernel with ``fuse_relu``) and the plan that computed it."""
+    """``linear`` (followed by relu or relu6 in the same kernel with ``fuse_relu``/``fuse_relu6``) and the plan
+    that computed it."""
     tensors = (_facts("linear", 0, input), _facts("linear", 1, weight), _facts("linear", 2, bias))
-    plan = _linear_plan(tensors, resolve_target(target), bool(fuse_relu))
+    plan = _linear_plan(tensors, resolve_target(target), bool(fuse_relu), bool(fuse_relu6))
     if plan.kernel is None:
         # an empty product, no kernel: torch's own op gives the result (empty, or the broadcast bias) and,
         # where grad is required, its gradients
-        out = torch.nn.functional.linear(input, weight, bias)
-        return (torch.relu(out) if fuse_relu else out), plan
+        return torch_activation(torch.nn.functional.linear(input, weight, bias), fuse_relu, fuse_relu6), plan
     if torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -454,6 +468,11 @@ def linear_with_plan(
 def _linear(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's call of ``linear_with_plan``."""
     return _caller_view(_run_with_weight(plan, input, weight, bias), plan)
+
+
+def torch_activation(out: torch.Tensor, fuse_relu: bool, fuse_relu6: bool) -> torch.Tensor:
+    """The fused activation done by torch's own op, where no kernel runs (the plan has already refused both)."""
+    return torch.relu(out) if fuse_relu else torch.nn.functional.relu6(out) if fuse_relu6 else out
 
 
 # ------------------------------------------------------------------------------------------------ relu

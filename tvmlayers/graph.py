@@ -7,8 +7,10 @@ returns a ``torch.fx.GraphModule`` that keeps ``model``'s children (same names, 
 - **BatchNorm folding** (eval mode only): a ``BatchNorm2d`` whose input is a ``Conv2d`` output used by
   nothing else (or a ``BatchNorm1d`` after a ``Linear`` whose input is provably 2-D) is folded into a new
   weight and bias of that layer; the BatchNorm becomes an ``nn.Identity`` in the hierarchy.
-- **relu fusion**: a conv/linear output whose only user is a relu (``nn.ReLU``, ``F.relu``, ``torch.relu``,
-  ``Tensor.relu``, their in-place forms) is computed with the relu as the kernel's epilogue.
+- **relu/relu6 fusion**: a conv/linear output whose only user is a relu (``nn.ReLU``, ``F.relu``, ``torch.relu``,
+  ``Tensor.relu``, their in-place forms) or a relu6 (``nn.ReLU6``, ``F.relu6``, ``nn.Hardtanh(0, 6)``,
+  ``F.hardtanh(x, 0, 6)``, ``torch.clamp(x, 0, 6)``, ``Tensor.clamp(0, 6)``, their in-place forms) is computed
+  with the activation as the kernel's epilogue.
 - **residual fusion**: ``conv(x) + other`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``), where the conv
   output has no other user, becomes one conv kernel adding ``other`` (and the relu that may follow) in its
   epilogue; a call whose ``other`` has another shape than the output falls back to conv then add.
@@ -47,8 +49,12 @@ TWINS: dict[type, type] = {
     torch.nn.Linear: nn.Linear,
     torch.nn.ReLU: nn.ReLU,
 }
-# A Conv2d/Linear whose output only a relu reads: the relu runs as the kernel's epilogue.
-FUSED: dict[type, type] = {torch.nn.Conv2d: nn.ConvReLU2d, torch.nn.Linear: nn.LinearReLU}
+# A Conv2d/Linear whose output only an activation reads (activation -> layer -> fused class): the activation
+# runs as the kernel's epilogue.
+FUSED: dict[str, dict[type, type]] = {
+    "relu": {torch.nn.Conv2d: nn.ConvReLU2d, torch.nn.Linear: nn.LinearReLU},
+    "relu6": {torch.nn.Conv2d: nn.Conv2dReLU6, torch.nn.Linear: nn.LinearReLU6},
+}
 # A Conv2d whose output is only added to another tensor (then maybe relu'd): relu? -> the kernel's class
 _RESIDUAL: dict[bool, type] = {False: nn.ConvAdd2d, True: nn.ConvAddReLU2d}
 
@@ -82,6 +88,48 @@ _FUNCTIONAL: dict[Callable, Callable] = {
 }
 _INPLACE_RELU = (torch.relu_, F.relu_)
 _ADD = (operator.add, operator.iadd, torch.add)
+# relu6 as torch spells it: these functions/methods with the bounds (0, 6) where they take bounds; the bounds'
+# parameter names, in order, and the in-place keyword where there is one
+_RELU6_FUNCTIONS: dict[object, tuple[tuple[str, ...], str | None]] = {
+    F.relu6: ((), "inplace"),
+    F.hardtanh: (("min_val", "max_val"), "inplace"),
+    F.hardtanh_: (("min_val", "max_val"), None),
+    torch.clamp: (("min", "max"), None),
+    torch.clamp_: (("min", "max"), None),
+    torch.clip: (("min", "max"), None),
+    torch.clip_: (("min", "max"), None),
+}
+_RELU6_METHODS = {name: ("min", "max") for name in ("clamp", "clamp_", "clip", "clip_")}
+
+
+def _is_bound(value: object, bound: int) -> bool:
+    """Whether a traced argument is the constant ``bound`` (a number, not a bool or a tensor)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == bound
+
+
+def _has_relu6_bounds(args: tuple, kwargs: dict, names: tuple[str, ...], inplace: str | None) -> bool:
+    """Whether a call's arguments after its input are exactly the bounds ``names`` = (0, 6) (by position or
+    name) and, optionally, the in-place flag: nothing else that could change what it computes."""
+    if len(args) > len(names) + (inplace is not None):
+        return False
+    given = dict(zip((*names, inplace), args, strict=False))
+    if set(given) & set(kwargs) or not set(kwargs) <= {*names, inplace}:
+        return False
+    given.update(kwargs)
+    given.pop(inplace, None)
+    return all(_is_bound(given.get(name), bound) for name, bound in zip(names, (0, 6), strict=False))
+
+
+def module_activation(module: torch.nn.Module | None) -> str | None:
+    """``"relu"`` or ``"relu6"`` if ``module`` is exactly torch's (or tvmlayers') ReLU, torch's ReLU6 or a
+    Hardtanh(0, 6) without forward hooks: an activation a conv/linear kernel can apply; else None."""
+    if module is None or has_forward_hooks(module):
+        return None
+    if type(module) in (torch.nn.ReLU, nn.ReLU):
+        return "relu"
+    if type(module) in (torch.nn.ReLU6, torch.nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6):
+        return "relu6"
+    return None
 
 
 class GraphUnsupported(Exception):
@@ -98,6 +146,7 @@ class ConversionReport:
 
     folded: list[str] = field(default_factory=list)  # "bn <- conv": BatchNorms folded into the layer before
     fused_relu: list[str] = field(default_factory=list)  # layers whose kernel applies the relu after them
+    fused_relu6: list[str] = field(default_factory=list)  # layers whose kernel applies the relu6 after them
     fused_residual: list[str] = field(default_factory=list)  # convs whose kernel adds a residual (+ relu)
     functional: list[str] = field(default_factory=list)  # torch functional calls now tvmlayers functional
     fallback: str | None = None
@@ -108,6 +157,7 @@ class ConversionReport:
             return f"converted module by module (no graph passes): {self.fallback}"
         return (
             f"{len(self.folded)} BatchNorm folded, {len(self.fused_relu)} relu fused, "
+            f"{len(self.fused_relu6)} relu6 fused, "
             f"{len(self.fused_residual)} residual add fused, {len(self.functional)} functional calls converted"
         )
 
@@ -117,10 +167,16 @@ def has_forward_hooks(module: torch.nn.Module) -> bool:
     return any(getattr(module, name, None) for name in (*_FORWARD_HOOKS, "_forward_hooks_with_kwargs"))
 
 
-def twin(module: torch.nn.Module, target: TargetLike, relu: bool = False, residual: bool = False) -> torch.nn.Module:
-    """The tvmlayers module computing ``module`` (an exact ``TWINS`` type), with ``relu`` fused after it (and
-    before that a ``residual`` added: a Conv2d only); it shares the original's hook dictionaries."""
-    kind = _RESIDUAL[relu] if residual else (FUSED if relu else TWINS)[type(module)]
+def twin(
+    module: torch.nn.Module, target: TargetLike, activation: str | None = None, residual: bool = False
+) -> torch.nn.Module:
+    """The tvmlayers module computing ``module`` (an exact ``TWINS`` type), with ``activation`` ("relu" or
+    "relu6") fused after it (and before that a ``residual`` added: a Conv2d only, with "relu" or none); it
+    shares the original's hook dictionaries."""
+    if residual:
+        kind = _RESIDUAL[activation == "relu"]
+    else:
+        kind = (FUSED[activation] if activation else TWINS)[type(module)]
     new = kind.from_torch(module, target=target)
     new.train(module.training)
     for name in _HOOKS:
@@ -207,7 +263,7 @@ class _Passes:
         self.root, self.graph, self.target = root, graph, target
         self.report = ConversionReport()
         self.names = {id(m): name for name, m in root.named_modules()}
-        self.relu_fused: set[int] = set()  # ids of the torch layers that become ConvReLU2d/LinearReLU
+        self.activation: dict[int, str] = {}  # ids of the torch layers fused with an activation -> its name
         self.residual: set[int] = set()  # ids of the convs whose calls add a residual
         self.called = self.called_modules()  # before the passes: a ReLU no longer called was fused every time
 
@@ -230,7 +286,7 @@ class _Passes:
         if (
             type(module) in types
             and not has_forward_hooks(module)
-            and id(module) not in self.relu_fused | self.residual
+            and id(module) not in self.activation.keys() | self.residual
             and len(node.args) == 1
             and not node.kwargs
         ):
@@ -241,18 +297,29 @@ class _Passes:
     def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
         return next(iter(node.users)) if len(node.users) == 1 else None
 
-    def relu_input(self, node: object) -> torch.fx.Node | None:
-        """The input of ``node`` if it is a relu (any form) whose fusion nothing can observe, else None."""
+    def activation_input(self, node: object) -> tuple[torch.fx.Node, str] | tuple[None, None]:
+        """(input of ``node``, "relu" or "relu6") if ``node`` is a relu or relu6 (any form above) whose fusion
+        nothing can observe, else (None, None)."""
         if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            return None
+            return None, None
+        args, kwargs = node.args[1:], node.kwargs
+        activation = None
         if node.op == "call_module":
-            module = self.module(node)
-            is_relu = type(module) in (torch.nn.ReLU, nn.ReLU) and not has_forward_hooks(module)
-        elif node.op == "call_function":
-            is_relu = node.target in (tf.relu, *_INPLACE_RELU)
-        else:
-            is_relu = node.op == "call_method" and node.target in ("relu", "relu_")
-        return node.args[0] if is_relu and len(node.args) + len(node.kwargs) <= 2 else None
+            activation = module_activation(self.module(node)) if not args and not kwargs else None
+        elif node.op == "call_function" and node.target in (tf.relu, *_INPLACE_RELU):
+            activation = "relu" if len(node.args) + len(kwargs) <= 2 else None
+        elif node.op == "call_function" and node.target in _RELU6_FUNCTIONS:
+            activation = "relu6" if _has_relu6_bounds(args, kwargs, *_RELU6_FUNCTIONS[node.target]) else None
+        elif node.op == "call_method" and node.target in ("relu", "relu_"):
+            activation = "relu" if len(node.args) + len(kwargs) <= 2 else None
+        elif node.op == "call_method" and node.target in _RELU6_METHODS:
+            activation = "relu6" if _has_relu6_bounds(args, kwargs, _RELU6_METHODS[node.target], None) else None
+        return (node.args[0], activation) if activation is not None else (None, None)
+
+    def relu_input(self, node: object) -> torch.fx.Node | None:
+        """The input of ``node`` if it is a relu (not relu6) whose fusion nothing can observe, else None."""
+        producer, activation = self.activation_input(node)
+        return producer if activation == "relu" else None
 
     def is_2d(self, node: object) -> bool:
         """Whether ``node`` is provably a 2-D tensor: a ``flatten(x, 1)`` (what a BatchNorm1d after a Linear
@@ -323,25 +390,28 @@ class _Passes:
         return type(self.module(layer_call)) is not torch.nn.Linear or self.is_2d(layer_call.args[0])
 
     def fuse_relus(self) -> None:
-        """conv/linear -> relu, where the relu is the only user of the output, into one kernel."""
+        """conv/linear -> relu or relu6, where the activation is the only user of the output, into one kernel;
+        a module's calls only where every one is followed by the same activation."""
+        records = {"relu": self.report.fused_relu, "relu6": self.report.fused_relu6}
         for node in list(self.graph.nodes):
-            if node.graph is not self.graph:  # erased as the relu of an earlier layer call
+            if node.graph is not self.graph:  # erased as the activation of an earlier layer call
                 continue
-            producer = self.relu_input(node)
+            producer, activation = self.activation_input(node)
             if producer is None:
                 continue
             if producer.op == "call_function" and producer.target in (tf.conv2d, tf.linear):
-                if self.only_user(producer) is node and not producer.kwargs.get("fuse_relu"):
-                    producer.kwargs = {**producer.kwargs, "fuse_relu": True}
-                    self.drop(node, producer, self.report.fused_relu, producer.name)
+                fused = any(producer.kwargs.get(f"fuse_{name}") for name in records)
+                if self.only_user(producer) is node and not fused:
+                    producer.kwargs = {**producer.kwargs, f"fuse_{activation}": True}
+                    self.drop(node, producer, records[activation], producer.name)
                 continue
             layer = self.layer(producer, torch.nn.Conv2d, torch.nn.Linear)
             calls = self.calls(layer) if layer is not None else []
-            if not calls or not all(self.relu_input(self.only_user(c)) is c for c in calls):
+            if not calls or not all(self.activation_input(self.only_user(c)) == (c, activation) for c in calls):
                 continue
-            self.relu_fused.add(id(layer))
+            self.activation[id(layer)] = activation
             for call in calls:
-                self.drop(self.only_user(call), call, self.report.fused_relu if call is calls[0] else None)
+                self.drop(self.only_user(call), call, records[activation] if call is calls[0] else None)
 
     def drop(self, node: torch.fx.Node, replacement: torch.fx.Node, record: list | None, name: str = "") -> None:
         """Erase the fused ``node``, its users reading ``replacement`` instead; note it in ``record``."""
@@ -392,7 +462,7 @@ class _Passes:
                 with_relu = all(relu is not None for *_, relu in plans)
                 self.residual.add(id(conv))
                 if with_relu:
-                    self.relu_fused.add(id(conv))
+                    self.activation[id(conv)] = "relu"
                 for call, add, other, relu in plans:
                     with self.graph.inserting_before(add):
                         fused = self.graph.call_function(
@@ -406,16 +476,17 @@ class _Passes:
 
     def swap_layers(self) -> None:
         """Every torch layer in the hierarchy -> its tvmlayers twin (fused where decided), also inside leaf
-        modules (a module with hooks is converted layer by layer inside, without graph passes); a ReLU whose
-        every call was fused -> ``nn.Identity`` (``model`` itself, converted in place, still computes the same)."""
+        modules (a module with hooks is converted layer by layer inside, without graph passes); a ReLU or ReLU6
+        whose every call was fused -> ``nn.Identity`` (``model`` itself, converted in place, still computes the
+        same: both are idempotent)."""
         twins: dict[int, torch.nn.Module] = {}
         called = self.called_modules()
         for module in list(self.root.modules()):
-            if type(module) is torch.nn.ReLU and id(module) in self.called and id(module) not in called:
+            if module_activation(module) and id(module) in self.called and id(module) not in called:
                 self.replace_module(module, torch.nn.Identity())
             elif type(module) in TWINS and id(module) not in twins:
                 twins[id(module)] = twin(
-                    module, self.target, relu=id(module) in self.relu_fused, residual=id(module) in self.residual
+                    module, self.target, self.activation.get(id(module)), residual=id(module) in self.residual
                 )
                 self.replace_module(module, twins[id(module)])
 

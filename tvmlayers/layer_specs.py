@@ -16,6 +16,7 @@ from typing import Any
 import tvm
 
 from .ops import shapes
+from .ops.relu import ACTIVATIONS
 from .spec import DTYPES, OPS, KernelSpec
 
 Shape = tuple[int, ...]
@@ -52,9 +53,11 @@ def check_element_counts(op: str, batch: int, along: str, **tensors: Shape) -> N
         )
 
 
-def _fused(relu: bool, residual: bool = False) -> dict:
+def _fused(op: str, relu: bool, relu6: bool = False, residual: bool = False) -> dict:
     # only fused specs carry the flags: the specs (and tuning workloads) of plain layers stay as they were
-    return {name: True for name, fused in (("relu", relu), ("residual", residual)) if fused}
+    if relu and relu6:
+        raise ValueError(f"{op}: fuse_relu and fuse_relu6 cannot both be set: the kernel fuses one activation")
+    return {name: True for name, fused in (("relu", relu), ("relu6", relu6), ("residual", residual)) if fused}
 
 
 def check_residual(op: str, out_shape: Shape, residual_shape: Shape) -> None:
@@ -91,12 +94,14 @@ def conv2d_spec(
     relu: bool = False,
     padding_is_normalized: bool = False,
     residual: Shape | None = None,
+    relu6: bool = False,
 ) -> tuple[KernelSpec | None, Shape]:
     """torch.nn.functional.conv2d's checks and output shape; the spec is None for an empty batch.
 
     ``padding`` is torch's (an int, a pair, 'same' or 'valid'), or with ``padding_is_normalized`` the
     (top, left, bottom, right) tuple of a KernelSpec, as workload files hold it (checked by the caller).
-    ``residual`` is the shape of a tensor added to the output before the relu (:func:`check_residual`).
+    ``residual`` is the shape of a tensor added to the output before the activation, ``relu`` or ``relu6``
+    (:func:`check_residual`).
     """
     if len(in_shape) not in (3, 4):
         raise ValueError(
@@ -143,6 +148,7 @@ def conv2d_spec(
         shapes.check_conv_padding_mode(in_shape, pads, padding_mode)
     out_hw = shapes.conv2d_output_hw(in_shape[-2:], (kh, kw), stride_, pads, dilation_)
     out_shape = (*in_shape[:-3], out_channels, *out_hw)
+    fused = _fused("conv2d", relu, relu6, residual is not None)
     if residual is not None:
         check_residual("conv2d", out_shape, residual)
     batched = in_shape if len(in_shape) == 4 else (1, *in_shape)
@@ -161,7 +167,7 @@ def conv2d_spec(
         padding_mode=padding_mode if any(pads) else "zeros",
         bias=b_shape is not None,
         weight_shape=w_shape,
-        **_fused(relu, residual is not None),
+        **fused,
     )
     return spec, out_shape
 
@@ -207,9 +213,16 @@ def max_pool2d_spec(
 
 
 def linear_spec(
-    in_shape: Shape, w_shape: Shape, b_shape: Shape | None, dtype: str, target: tvm.target.Target, relu: bool = False
+    in_shape: Shape,
+    w_shape: Shape,
+    b_shape: Shape | None,
+    dtype: str,
+    target: tvm.target.Target,
+    relu: bool = False,
+    relu6: bool = False,
 ) -> tuple[KernelSpec | None, Shape]:
     """torch.nn.functional.linear's checks and output shape; the spec is None for an empty product."""
+    fused = _fused("linear", relu, relu6)
     if len(in_shape) < 1 or len(w_shape) < 1:
         raise ValueError(
             f"both arguments to linear need to be at least 1D, but they are {len(in_shape)}D and {len(w_shape)}D"
@@ -235,7 +248,7 @@ def linear_spec(
     if rows == 0 or in_features == 0 or out_features == 0:
         return None, out_shape
     spec = KernelSpec.make(
-        "linear", (rows, in_features), dtype, target, bias=b_shape is not None, weight_shape=w_shape, **_fused(relu)
+        "linear", (rows, in_features), dtype, target, bias=b_shape is not None, weight_shape=w_shape, **fused
     )
     return spec, out_shape
 
@@ -249,7 +262,8 @@ def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[K
 
 
 # The parameters of each op in a workload file (KernelSpec's, normalized as conv2d_spec etc. write them);
-# "relu" (fused) is optional and false by default, and so is conv2d's "residual" (an added output-shaped input).
+# "relu" and "relu6" (fused activations, at most one) are optional and false by default, and so is conv2d's
+# "residual" (an added output-shaped input).
 WORKLOAD_PARAMS = {
     "conv2d": ("weight_shape", "stride", "padding", "dilation", "groups", "padding_mode", "bias"),
     "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
@@ -287,7 +301,8 @@ def workload_spec(
         raise ValueError(f"unknown op {op!r}, expected one of {OPS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    allowed = WORKLOAD_PARAMS[op] + (("relu",) if op in _FUSABLE else ()) + (("residual",) if op == "conv2d" else ())
+    fusable = ACTIVATIONS if op in _FUSABLE else ()
+    allowed = WORKLOAD_PARAMS[op] + fusable + (("residual",) if op == "conv2d" else ())
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {op}; expected {', '.join(allowed)}")
@@ -298,7 +313,7 @@ def workload_spec(
     shape = _ints("input_shape", input_shape, rank)
     if not shape or min(shape) <= 0:
         raise ValueError(f"input_shape must have at least one dimension, all positive, got {list(shape)}")
-    relu = _flag("relu", params.get("relu", False))
+    relu, relu6 = (_flag(name, params.get(name, False)) for name in ACTIVATIONS)
     if op == "conv2d":
         weight = _ints("weight_shape", params["weight_shape"], 4)
         padding = _ints("padding", params["padding"], 4)
@@ -318,9 +333,9 @@ def workload_spec(
             params["padding_mode"],
             relu,
         )
-        spec, out_shape = conv2d_spec(*args, padding_is_normalized=True)
+        spec, out_shape = conv2d_spec(*args, padding_is_normalized=True, relu6=relu6)
         if _flag("residual", params.get("residual", False)):  # a flag in the file: the residual has the output's shape
-            spec, _ = conv2d_spec(*args, padding_is_normalized=True, residual=out_shape)
+            spec, _ = conv2d_spec(*args, padding_is_normalized=True, residual=out_shape, relu6=relu6)
     elif op == "max_pool2d":
         spec, _ = max_pool2d_spec(
             shape,
@@ -335,7 +350,7 @@ def workload_spec(
         if min(weight) <= 0:  # torch allows an empty product; a workload of one makes no kernel to tune
             raise ValueError(f"weight_shape must be positive, got {list(weight)}")
         bias = (weight[0],) if _flag("bias", params["bias"]) else None
-        spec, _ = linear_spec(shape, weight, bias, dtype, target, relu)
+        spec, _ = linear_spec(shape, weight, bias, dtype, target, relu, relu6)
     else:
         spec, _ = relu_spec(shape, dtype, target)
     return spec

@@ -68,14 +68,20 @@ def recorded_specs() -> Iterator[set[KernelSpec]]:
 
 
 def _spec_and_shape(
-    op: str, tensors: tuple[Tensor | None, ...], target: str, *params: Any, residual: Tensor | None = None
+    op: str,
+    tensors: tuple[Tensor | None, ...],
+    target: str,
+    *params: Any,
+    residual: Tensor | None = None,
+    relu6: bool = False,
 ) -> tuple[KernelSpec | None, tuple[int, ...]]:
     """(spec or None, output shape) of a call, checked with torch's messages; nothing is compiled."""
     facts = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in (*tensors, residual))
     target_ = _target(target)
     dtype = F._check_types(op, facts, target_)
     *shapes_, residual_shape = F._shapes(facts)
-    extra = {} if residual is None else {"residual": residual_shape}
+    # conv2d's keyword-only arguments, passed only where set (the other ops' spec functions have none)
+    extra = {name: value for name, value in (("residual", residual_shape), ("relu6", relu6)) if value}
     spec, out_shape = getattr(layer_specs, f"{op}_spec")(*shapes_, dtype, target_, *params, **extra)
     if spec is not None:
         for specs in _recordings:
@@ -108,10 +114,11 @@ def _conv2d_op(
     groups: int,
     padding_mode: str,
     fuse_relu: bool,
+    fuse_relu6: bool,
     target: str,
 ) -> Tensor:
-    """``tvmlayers.functional.conv2d`` (``residual`` added before the relu); ``padding`` is a pair, or empty
-    with ``padding_name`` 'same' or 'valid'."""
+    """``tvmlayers.functional.conv2d`` (``residual`` added before the relu or relu6); ``padding`` is a pair, or
+    empty with ``padding_name`` 'same' or 'valid'."""
     with torch.no_grad():  # the kernel alone: the op's autograd formula is registered below
         out, _ = F.conv2d_with_plan(
             input,
@@ -125,15 +132,16 @@ def _conv2d_op(
             _target(target),
             fuse_relu,
             residual,
+            fuse_relu6,
         )
     return out
 
 
 def _conv2d_spec(*args: Any) -> tuple[KernelSpec | None, tuple[int, ...]]:
     """(spec, output shape) from the arguments of ``tvmlayers::conv2d``."""
-    input, weight, bias, residual, stride, padding, padding_name, dilation, groups, mode, fuse_relu, target = args
-    params = (tuple(stride), _conv2d_padding(padding, padding_name), tuple(dilation), groups, mode, fuse_relu)
-    return _spec_and_shape("conv2d", (input, weight, bias), target, *params, residual=residual)
+    input, weight, bias, residual, stride, padding, padding_name, dilation, groups, mode, relu, relu6, target = args
+    params = (tuple(stride), _conv2d_padding(padding, padding_name), tuple(dilation), groups, mode, relu)
+    return _spec_and_shape("conv2d", (input, weight, bias), target, *params, residual=residual, relu6=relu6)
 
 
 @_conv2d_op.register_fake
@@ -153,6 +161,7 @@ def conv2d(
     groups: int,
     padding_mode: str,
     fuse_relu: bool,
+    fuse_relu6: bool,
     residual: Tensor | None,
     target: TargetLike,
 ) -> Tensor:
@@ -170,6 +179,7 @@ def conv2d(
         groups,
         padding_mode,
         bool(fuse_relu),
+        bool(fuse_relu6),
         target_arg(target),
     )
 
@@ -256,27 +266,35 @@ def max_pool2d(
 
 
 @torch.library.custom_op("tvmlayers::linear", mutates_args=())
-def _linear_op(input: Tensor, weight: Tensor, bias: Tensor | None, fuse_relu: bool, target: str) -> Tensor:
+def _linear_op(
+    input: Tensor, weight: Tensor, bias: Tensor | None, fuse_relu: bool, fuse_relu6: bool, target: str
+) -> Tensor:
     """``tvmlayers.functional.linear`` of a non-empty product."""
     with torch.no_grad():
-        out, _ = F.linear_with_plan(input, weight, bias, _target(target), fuse_relu)
+        out, _ = F.linear_with_plan(input, weight, bias, _target(target), fuse_relu, fuse_relu6)
     return out
 
 
+def _linear_spec(input, weight, bias, fuse_relu, fuse_relu6, target):
+    return _spec_and_shape("linear", (input, weight, bias), target, fuse_relu, fuse_relu6)
+
+
 @_linear_op.register_fake
-def _(input, weight, bias, fuse_relu, target):
-    _, out_shape = _spec_and_shape("linear", (input, weight, bias), target, fuse_relu)
-    return _empty(out_shape, input, False)
+def _(*args):
+    _, out_shape = _linear_spec(*args)
+    return _empty(out_shape, args[0], False)
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None, fuse_relu: bool, target: TargetLike) -> Tensor:
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, fuse_relu: bool, fuse_relu6: bool, target: TargetLike
+) -> Tensor:
     """``tvmlayers.functional.linear``'s arguments, as ``torch.ops.tvmlayers.linear`` takes them."""
     if isinstance(input, Tensor) and (input.numel() == 0 or weight.numel() == 0):  # (an FX proxy is not)
         # an empty product runs no kernel: torch's op, as tvmlayers.functional does (a broadcast bias has a
-        # gradient that the empty-output rule of the autograd formula would miss)
-        out = torch.nn.functional.linear(input, weight, bias)
-        return torch.relu(out) if fuse_relu else out
-    return _linear_op(input, weight, bias, bool(fuse_relu), target_arg(target))
+        # gradient that the empty-output rule of the autograd formula would miss); checked as a call with a kernel
+        _linear_spec(input, weight, bias, fuse_relu, fuse_relu6, target_arg(target))
+        return F.torch_activation(torch.nn.functional.linear(input, weight, bias), fuse_relu, fuse_relu6)
+    return _linear_op(input, weight, bias, bool(fuse_relu), bool(fuse_relu6), target_arg(target))
 
 
 # ------------------------------------------------------------------------------------------------ relu
@@ -353,5 +371,5 @@ def _pool_spec(return_indices: bool) -> Any:
 _autograd(_conv2d_op, _conv2d_spec, 4)
 _autograd(_max_pool2d_op, _pool_spec(False), 1)
 _autograd(_max_pool2d_with_indices_op, _pool_spec(True), 1)
-_autograd(_linear_op, lambda i, w, b, fuse_relu, t: _spec_and_shape("linear", (i, w, b), t, fuse_relu), 3)
+_autograd(_linear_op, _linear_spec, 3)
 _autograd(_relu_op, lambda input, target: _spec_and_shape("relu", (input,), target), 1)

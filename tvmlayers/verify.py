@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .layouts import block_out_channels
 from .ops import output_shapes
+from .ops.relu import spec_activation
 from .spec import KernelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -31,6 +32,12 @@ def random_inputs(
     return x, weight, bias, residual
 
 
+def _activation(out: torch.Tensor, params: dict) -> torch.Tensor:
+    """The activation a fused conv2d/linear spec applies, as torch's own op."""
+    activation = spec_activation(params)
+    return {"relu": F.relu, "relu6": F.relu6}[activation](out) if activation is not None else out
+
+
 def torch_reference(
     spec: KernelSpec,
     x: torch.Tensor,
@@ -39,7 +46,7 @@ def torch_reference(
     residual: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """What torch computes for ``spec``, the way a torch user computes it (a fused spec: the layer, then
-    ``+ residual``, then relu): the oracle of the correctness checks and the torch side of the benchmark."""
+    ``+ residual``, then relu or relu6): the oracle of the correctness checks and the torch side of the benchmark."""
     p = dict(spec.params)
     if spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
@@ -50,7 +57,7 @@ def torch_reference(
             padded = F.pad(x, (left, right, top, bottom), mode=mode)
             out = F.conv2d(padded, weight, bias, p["stride"], 0, p["dilation"], p["groups"])
         out = out + residual if residual is not None else out
-        return [F.relu(out) if p.get("relu") else out]
+        return [_activation(out, p)]
     if spec.op == "max_pool2d":
         out = F.max_pool2d(
             x,
@@ -63,8 +70,7 @@ def torch_reference(
         )
         return list(out) if p["return_indices"] else [out]
     if spec.op == "linear":
-        out = F.linear(x, weight, bias)
-        return [F.relu(out) if p.get("relu") else out]
+        return [_activation(F.linear(x, weight, bias), p)]
     return [F.relu(x)]
 
 

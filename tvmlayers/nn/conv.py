@@ -46,6 +46,7 @@ class Conv2d(CompiledLayer):
     """
 
     _fuse_relu = False  # ConvReLU2d: the relu that follows runs in the same kernel
+    _fuse_relu6 = False  # Conv2dReLU6: the relu6 that follows runs in the same kernel
 
     __constants__ = [
         "stride",
@@ -99,7 +100,7 @@ class Conv2d(CompiledLayer):
         if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
             return torch_ops.conv2d(
                 input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                self.padding_mode, self._fuse_relu, residual, self.target,
+                self.padding_mode, self._fuse_relu, self._fuse_relu6, residual, self.target,
             )  # fmt: skip
         out, plan = F.conv2d_with_plan(
             input,
@@ -113,6 +114,7 @@ class Conv2d(CompiledLayer):
             target=self.target,
             fuse_relu=self._fuse_relu,
             residual=residual,
+            fuse_relu6=self._fuse_relu6,
         )
         self._remember(input, plan)
         return out

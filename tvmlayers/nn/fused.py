@@ -1,8 +1,8 @@
-"""Layers followed by ReLU, computed in one kernel: the relu is the epilogue of the conv2d/linear kernel,
-so the output is written once instead of being written, read and written again.  ``tvmlayers.convert``
-puts them in place of a Conv2d/Linear whose output only a relu reads (``tvmlayers.graph``: a ReLU module
-fused at every call becomes an ``nn.Identity``); parameters and ``state_dict`` keys stay those of the
-Conv2d/Linear.
+"""Layers followed by ReLU or ReLU6, computed in one kernel: the activation is the epilogue of the
+conv2d/linear kernel, so the output is written once instead of being written, read and written again.
+``tvmlayers.convert`` puts them in place of a Conv2d/Linear whose output only a relu (relu6) reads
+(``tvmlayers.graph``: a ReLU/ReLU6 module fused at every call becomes an ``nn.Identity``); parameters and
+``state_dict`` keys stay those of the Conv2d/Linear.
 
 ``ConvAdd2d``/``ConvAddReLU2d`` add a second input, ResNet's shortcut, in the same epilogue:
 ``relu?(conv2d(x) + residual)``; their ``forward`` takes ``(input, residual)``."""
@@ -19,6 +19,13 @@ class ConvReLU2d(Conv2d):
     """``relu(conv2d(x))`` in one kernel; the constructor and parameters are :class:`Conv2d`'s."""
 
     _fuse_relu = True
+
+
+class Conv2dReLU6(Conv2d):
+    """``relu6(conv2d(x))`` (``min(max(x, 0), 6)``, MobileNet's activation) in one kernel; the constructor and
+    parameters are :class:`Conv2d`'s."""
+
+    _fuse_relu6 = True
 
 
 class ConvAdd2d(Conv2d):
@@ -39,3 +46,9 @@ class LinearReLU(Linear):
     """``relu(linear(x))`` in one kernel; the constructor and parameters are :class:`Linear`'s."""
 
     _fuse_relu = True
+
+
+class LinearReLU6(Linear):
+    """``relu6(linear(x))`` in one kernel; the constructor and parameters are :class:`Linear`'s."""
+
+    _fuse_relu6 = True

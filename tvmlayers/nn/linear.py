@@ -33,6 +33,7 @@ class Linear(CompiledLayer):
     """
 
     _fuse_relu = False  # LinearReLU: the relu that follows runs in the same kernel
+    _fuse_relu6 = False  # LinearReLU6: the relu6 that follows runs in the same kernel
 
     __constants__ = ["in_features", "out_features"]
 
@@ -59,8 +60,8 @@ class Linear(CompiledLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
-            return torch_ops.linear(input, self.weight, self.bias, self._fuse_relu, self.target)
-        out, plan = F.linear_with_plan(input, self.weight, self.bias, self.target, self._fuse_relu)
+            return torch_ops.linear(input, self.weight, self.bias, self._fuse_relu, self._fuse_relu6, self.target)
+        out, plan = F.linear_with_plan(input, self.weight, self.bias, self.target, self._fuse_relu, self._fuse_relu6)
         self._remember(input, plan)
         return out
 

@@ -13,7 +13,7 @@ from ..spec import KernelSpec
 from .conv2d import conv2d_compute
 from .linear import linear_compute
 from .max_pool2d import max_pool2d_compute
-from .relu import relu_compute
+from .relu import relu_compute, spec_activation
 from .shapes import conv2d_output_hw, max_pool2d_output_hw
 
 __all__ = ["conv2d_compute", "linear_compute", "max_pool2d_compute", "relu_compute", "prim_func", "SYMBOL"]
@@ -44,7 +44,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
             spec["padding_mode"],
             out_hw,
             residual=residual,
-            relu=spec.get("relu", False),
+            activation=spec_activation(dict(spec.params)),
         )
         return [data, weight] + [t for t in (bias, residual) if t is not None], [out]
     if spec.op == "max_pool2d":
@@ -57,7 +57,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
         weight = te.placeholder((out_features // block, in_features, block), dtype, name="weight")
         bias = te.placeholder((out_features,), dtype, name="bias") if spec["bias"] else None
         return [data, weight] + ([bias] if bias is not None else []), [
-            linear_compute(data, weight, bias, relu=spec.get("relu", False))
+            linear_compute(data, weight, bias, spec_activation(dict(spec.params)))
         ]
     if spec.op == "relu":
         return [data], [relu_compute(data)]

@@ -3,7 +3,8 @@
 The weight comes with its output channels blocked: shape ``(C_out // block, C_in // groups, kH, kW, block)``
 (block 1 is torch's OIHW layout reshaped).  The blocked accumulator ``conv_blocked`` lets CPU schedules keep
 ``block`` output channels in one SIMD register; the final stage writes torch's NCHW output and adds the bias,
-the residual (ResNet's shortcut: an NCHW tensor of the output's shape) and the relu, in one pass over the output.
+the residual (ResNet's shortcut: an NCHW tensor of the output's shape) and the activation (relu or relu6), in one
+pass over the output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from tvm import te
 
 from .pad import pad2d_compute
-from .relu import relu_value
+from .relu import activation_value
 
 
 def conv2d_compute(
@@ -25,10 +26,10 @@ def conv2d_compute(
     padding_mode: str,
     out_hw: tuple[int, int],
     residual: te.Tensor | None = None,
-    relu: bool = False,
+    activation: str | None = None,
 ) -> te.Tensor:
     """out[n, o, y, x] = bias[o] + sum_{c, i, j} pad(data)[n, g(o)*Cg + c, y*sh + i*dh, x*sw + j*dw] * w[o, c, i, j]
-    (+ residual[n, o, y, x], then relu, where asked)."""
+    (+ residual[n, o, y, x], then the ``activation`` (``ACTIVATIONS``), where asked)."""
     n = int(data.shape[0])
     out_blocks, in_per_group, kh, kw, block = (int(d) for d in weight.shape)
     out_channels = out_blocks * block
@@ -54,6 +55,6 @@ def conv2d_compute(
         value = value + bias[o] if bias is not None else value
         # torch's order: (conv + bias) + residual; absent, the expression (and so the workload hash) is unchanged
         value = value + residual[b, o, y, x] if residual is not None else value
-        return relu_value(value, data.dtype) if relu else value  # fused: no second pass over the output
+        return activation_value(value, data.dtype, activation)  # fused: no second pass over the output
 
     return te.compute((n, out_channels, out_hw[0], out_hw[1]), unblock, name="conv2d")

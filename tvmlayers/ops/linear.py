@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from tvm import te
 
-from .relu import relu_value
+from .relu import activation_value
 
 
-def linear_compute(data: te.Tensor, weight: te.Tensor, bias: te.Tensor | None, relu: bool = False) -> te.Tensor:
+def linear_compute(
+    data: te.Tensor, weight: te.Tensor, bias: te.Tensor | None, activation: str | None = None
+) -> te.Tensor:
     m, k = (int(d) for d in data.shape)
     out_blocks, _, block = (int(d) for d in weight.shape)
     r = te.reduce_axis((0, k), name="k")
@@ -24,6 +26,6 @@ def linear_compute(data: te.Tensor, weight: te.Tensor, bias: te.Tensor | None, r
     def unblock(i, o):
         value = acc[i, o // block, o % block]
         value = value + bias[o] if bias is not None else value
-        return relu_value(value, data.dtype) if relu else value  # fused: no second pass over the output
+        return activation_value(value, data.dtype, activation)  # fused: no second pass over the output
 
     return te.compute((m, out_blocks * block), unblock, name="linear")

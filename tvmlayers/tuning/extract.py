@@ -27,7 +27,8 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 
 def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target) -> KernelSpec | None:
-    """The spec of the call ``module(*args)``: a fused layer's (relu, residual) as such, since it runs one kernel."""
+    """The spec of the call ``module(*args)``: a fused layer's (relu or relu6, residual) as such, since it runs one
+    kernel."""
     x = args[0]
     dtype = DTYPE_NAMES.get(x.dtype)
     kind = _kind(module)
@@ -49,6 +50,7 @@ def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target)
             module.padding_mode,
             getattr(module, "_fuse_relu", False),
             residual=tuple(args[1].shape) if isinstance(module, nn.ConvAdd2d) else None,
+            relu6=getattr(module, "_fuse_relu6", False),
         )
     elif kind == "max_pool2d":
         spec, _ = layer_specs.max_pool2d_spec(
@@ -63,9 +65,8 @@ def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target)
             module.return_indices,
         )
     elif kind == "linear":
-        spec, _ = layer_specs.linear_spec(
-            shape, tuple(module.weight.shape), bias, dtype, target, getattr(module, "_fuse_relu", False)
-        )
+        fused = (getattr(module, "_fuse_relu", False), getattr(module, "_fuse_relu6", False))
+        spec, _ = layer_specs.linear_spec(shape, tuple(module.weight.shape), bias, dtype, target, *fused)
     else:
         spec, _ = layer_specs.relu_spec(shape, dtype, target)
     return spec
