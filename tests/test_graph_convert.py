@@ -14,45 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 import tvmlayers as tl
-from conftest import assert_matches_torch
+from conftest import assert_close_scaled, assert_matches_torch
 from tvmlayers.convert import convert_modules
-from tvmlayers.graph import residual_supported
+from tvmlayers.model_bench import randomize_batchnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "models"))
 import mobilenetv2  # noqa: E402
 import resnet18  # noqa: E402
-
-needs_residual = pytest.mark.skipif(
-    not residual_supported(), reason="tl.functional.conv2d has no residual= argument (the conv residual epilogue)"
-)
-
-
-def randomize_batch_norms(model: nn.Module) -> nn.Module:
-    """Running statistics and affine parameters that are not the identity, so that folding shows."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
-    return model
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """float32 after folding and fusion: the error relative to the output's magnitude."""
-    assert actual.shape == expected.shape
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
 
 
 def names(model: nn.Module) -> list[str]:
     return [type(m).__name__ for m in model.modules()]
 
 
-@needs_residual
 def test_resnet_basic_block_folds_bn_and_fuses_relu_and_residual() -> None:
     torch.manual_seed(0)
-    block = randomize_batch_norms(resnet18.BasicBlock(16, 32, stride=2)).eval()
+    block = randomize_batchnorm(resnet18.BasicBlock(16, 32, stride=2)).eval()
     converted = tl.convert(block)
     report = converted.tvmlayers_report
     assert sorted(report.folded) == ["bn1 <- conv1", "bn2 <- conv2", "downsample.1 <- downsample.0"]
@@ -72,10 +49,9 @@ def test_resnet_basic_block_folds_bn_and_fuses_relu_and_residual() -> None:
     assert kernel.spec["residual"] is True and kernel.spec["relu"] is True
 
 
-@needs_residual
 def test_mobilenet_inverted_residual_block() -> None:
     torch.manual_seed(1)
-    block = randomize_batch_norms(mobilenetv2.InvertedResidual(16, 16, stride=1, expansion=2)).eval()
+    block = randomize_batchnorm(mobilenetv2.InvertedResidual(16, 16, stride=1, expansion=2)).eval()
     converted = tl.convert(block)
     report = converted.tvmlayers_report
     assert len(report.folded) == 3 and report.fused_residual == ["block.6"]  # x + block(x), no relu after
@@ -145,7 +121,7 @@ def test_a_shared_module_stays_one_and_is_fused_only_where_every_call_allows(rel
 def test_hooked_modules_are_not_fused_and_see_torchs_values() -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
-    randomize_batch_norms(model)
+    randomize_batchnorm(model)
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     converted = tl.convert(model)
@@ -222,7 +198,7 @@ def test_linear_batch_norm_folds_only_on_2d_inputs() -> None:
     # on (N, L, F) a BatchNorm1d normalizes L, not the linear's features: not folded
     seq = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32)).eval()
     for model, x, folded in ((flat, torch.randn(4, 3, 4, 4), 1), (seq, torch.randn(4, 32, 32), 0)):
-        randomize_batch_norms(model)
+        randomize_batchnorm(model)
         converted = tl.convert(model)
         assert len(converted.tvmlayers_report.folded) == folded
         with torch.no_grad():
@@ -230,7 +206,6 @@ def test_linear_batch_norm_folds_only_on_2d_inputs() -> None:
     assert type(tl.convert(flat).get_submodule("1")) is tl.nn.LinearReLU
 
 
-@needs_residual
 def test_residual_of_another_shape_falls_back_to_torchs_add() -> None:
     class Broadcast(nn.Module):
         def __init__(self) -> None:
@@ -252,7 +227,7 @@ def test_residual_of_another_shape_falls_back_to_torchs_add() -> None:
 
 def test_fuse_false_inplace_copies_and_pickle() -> None:
     torch.manual_seed(10)
-    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())).eval()
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())).eval()
     plain = tl.convert(model, fuse=False)
     assert names(plain)[1:] == ["Conv2d", "BatchNorm2d", "ReLU"] and plain.tvmlayers_report.summary().startswith("0")
     x = torch.randn(2, 3, 8, 8)
@@ -269,11 +244,10 @@ def test_fuse_false_inplace_copies_and_pickle() -> None:
         assert_close_scaled(same(x), expected)
 
 
-@needs_residual
 @pytest.mark.parametrize("module", [resnet18, mobilenetv2], ids=["resnet18", "mobilenetv2"])
 def test_example_models_fold_fuse_and_match_torch(module) -> None:
     torch.manual_seed(11)
-    model = randomize_batch_norms(module.model())
+    model = randomize_batchnorm(module.model())
     converted = tl.convert(model)
     report = converted.tvmlayers_report
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())

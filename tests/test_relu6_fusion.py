@@ -17,11 +17,12 @@ from torch.autograd import gradcheck
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
-from conftest import HOST, torch_conv2d
+from conftest import HOST, assert_close_scaled, torch_conv2d
 from tvmlayers import ops, schedules
 from tvmlayers.benchmark import _label
 from tvmlayers.convert import convert_modules
 from tvmlayers.layer_specs import conv2d_spec, workload_spec
+from tvmlayers.model_bench import randomize_batchnorm
 from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.database import shipped_log_root, workload_hash
 from tvmlayers.tuning.extract import extract_workloads
@@ -162,26 +163,13 @@ def test_compiled_functional_relu6_is_one_graph() -> None:
     torch.testing.assert_close(fn(x), F.relu6(F.conv2d(x, w, bias, padding=1, groups=8)), rtol=1e-4, atol=1e-4)
 
 
-def randomize_batch_norms(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
-    return model
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """float32 after folding and fusion: the error relative to the output's magnitude."""
-    assert actual.shape == expected.shape
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
 
 
 def test_inverted_residual_block_fuses_relu6() -> None:
     torch.manual_seed(1)
-    block = randomize_batch_norms(mobilenetv2.InvertedResidual(16, 16, stride=1, expansion=2)).eval()
+    block = randomize_batchnorm(mobilenetv2.InvertedResidual(16, 16, stride=1, expansion=2)).eval()
     converted = tl.convert(block)
     report = converted.tvmlayers_report
     assert report.fused_relu6 == ["block.0", "block.3"] and report.fused_relu == []
@@ -198,7 +186,7 @@ def test_inverted_residual_block_fuses_relu6() -> None:
 
 def test_mobilenetv2_fuses_every_relu6_and_matches_torch() -> None:
     torch.manual_seed(11)
-    model = randomize_batch_norms(mobilenetv2.model())
+    model = randomize_batchnorm(mobilenetv2.model())
     relu6s = sum(type(m) is nn.ReLU6 for m in model.modules())
     converted = tl.convert(model)
     report = converted.tvmlayers_report

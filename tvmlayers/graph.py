@@ -26,7 +26,6 @@ values).  Tracing fails on data-dependent control flow: ``GraphUnsupported`` say
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -199,11 +198,6 @@ def conv2d_add(conv: nn.ConvAdd2d, input: torch.Tensor, other: torch.Tensor) -> 
         return tf.relu(out) if conv._fuse_relu else out
 
 
-def residual_supported() -> bool:
-    """Whether ``tl.functional.conv2d`` takes ``residual=`` (the conv kernel's residual epilogue)."""
-    return "residual" in inspect.signature(tf.conv2d).parameters
-
-
 class _Tracer(torch.fx.Tracer):
     """torch's layers (fx's default), tvmlayers' modules and modules with hooks are leaves.  tvmlayers'
     functional calls are wrapped, so that a pickled converted model, whose code fx traces again, loads."""
@@ -236,8 +230,7 @@ def convert_graph(model: torch.nn.Module, target: TargetLike, fuse: bool) -> tor
         if not model.training:
             passes.fold_batch_norms()
         passes.fuse_relus()
-        if residual_supported():
-            passes.fuse_residual_adds()
+        passes.fuse_residual_adds()
     passes.swap_layers()
     graph.lint()
     converted = torch.fx.GraphModule(model, graph)

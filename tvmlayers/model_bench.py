@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,8 @@ from .nn._base import CompiledLayer
 from .targets import resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
 from .tuning.extract import extract_workloads
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 # The classifiers ``--model all`` runs.
 CLASSIFIERS = (
@@ -117,9 +120,9 @@ def load_model(source: str, input_shape: Sequence[int] | None = None) -> tuple[t
     return model, tuple(input_shape or (1, 3, 224, 224)), f"torchvision {torchvision.__version__}"
 
 
-def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random running statistics and affine parameters: fresh ones (mean 0, variance 1, identity affine)
-    would let a conv that skipped its BatchNorm pass as correct."""
+def randomize_batchnorm(model: ModuleT, seed: int = 0) -> ModuleT:
+    """Random running statistics and affine parameters, in place (``model`` is returned): fresh ones (mean
+    0, variance 1, identity affine) would let a conv that skipped its BatchNorm pass as correct."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -132,6 +135,7 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
                 ):
                     if tensor is not None:
                         tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
+    return model
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
