@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 import tvm
+from tvm.support.popen_pool import PopenPoolExecutor
 
 import tvmlayers as tl
 import tvmlayers.functional as F
@@ -24,6 +25,7 @@ from tvmlayers import layer_specs
 from tvmlayers.cli import main
 from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.database import RECORD_FILE, TuningLog
+from tvmlayers.tuning.pools import close_pool
 from tvmlayers.tuning.tuner import tune
 from tvmlayers.tuning.workloads import Workload, load_workloads, save_workloads
 
@@ -179,6 +181,31 @@ def test_tuning_leaves_no_popen_worker(tmp_path: Path, python_sigint: None) -> N
     del interrupted
     (result,) = tune([CONV], HOST, trials=4, log_dir=tmp_path, trials_per_iter=2, progress=False)
     assert result.trials >= 4 and not popen_workers(str(os.getpid())), "nor after tuning that ends normally"
+
+
+def test_ctrl_c_while_a_pool_closes_leaves_it_closed(python_sigint: None) -> None:
+    """SIGINT inside TVM's ``PopenPoolExecutor.shutdown`` (between its lock's acquire and release) used to
+    leave that lock held: the pool's threads waited for it forever and the interpreter hung at exit."""
+    pool = PopenPoolExecutor(max_workers=2, timeout=60)
+    list(pool.map_with_error_catching(abs, [-1, -2]))  # two workers started
+    workers = [w._proc.pid for w in pool._worker_map.values()]
+    real_lock = pool._lock
+
+    class InterruptedLock:  # the signal arrives just as shutdown takes the lock
+        def acquire(self) -> bool:
+            acquired = real_lock.acquire()
+            os.kill(os.getpid(), signal.SIGINT)
+            return acquired
+
+        def release(self) -> None:
+            real_lock.release()
+
+    pool._lock = InterruptedLock()
+    with pytest.raises(KeyboardInterrupt):  # not lost: raised once the pool is closed
+        close_pool(pool)
+    assert not real_lock.locked()
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in workers)
+    assert not any(t.is_alive() for t in pool._threadpool._threads)
 
 
 def test_ctrl_c_during_a_build_prints_only_our_message(tmp_path: Path) -> None:

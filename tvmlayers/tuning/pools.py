@@ -11,29 +11,57 @@ tuner closes its runner's pool when tuning ends.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult
 from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params, _worker_func
 from tvm.support.popen_pool import MapResult, PopenPoolExecutor, StatusKind, kill_child_processes
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT back until the block ends, then deliver it to the handler that was there.
+
+    An interrupt raised inside ``PopenPoolExecutor.shutdown`` leaves the pool's lock held (it has no
+    ``try``), and the pool's threads then wait for it forever: the interpreter, joining them at exit,
+    hangs after tuning has printed that it stopped.  Masking the signal would not do: a process-directed
+    signal goes to any thread that does not mask it, and Python runs its handler in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python handlers run only in the main thread: nothing can interrupt this one
+        return
+    arrived: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if arrived:
+            signal.raise_signal(signal.SIGINT)
+
+
 def close_pool(pool: PopenPoolExecutor) -> None:
     """Kill the pool's worker processes (and theirs) and shut it down, from the calling thread.
 
-    ``shutdown`` alone closes each worker's pipe before killing it, and that close waits for a pool thread
-    still reading the pipe, i.e. for a build or run in progress to finish: killing first ends those reads.
-    TVM has no public way to reach a pool's workers; ``_worker_map`` and ``_proc`` are its attributes.
+    Queued jobs are cancelled first: each would start a fresh worker and run to its end.  ``shutdown``
+    alone closes each worker's pipe before killing it, and that close waits for a pool thread still
+    reading the pipe, i.e. for a build or run in progress to finish: killing first ends those reads.
+    TVM has no public way to reach a pool's workers or threads; ``_threadpool``, ``_worker_map`` and
+    ``_proc`` are its attributes.
     """
-    for worker in list(pool._worker_map.values()):
-        process = worker._proc
-        if process is not None:
-            kill_child_processes(process.pid)
-            with contextlib.suppress(OSError):
-                process.kill()
-    pool.shutdown(wait=True)  # joins the threads, which may have started a worker after the kill above
-    for worker in list(pool._worker_map.values()):
-        worker.kill()  # kills and reaps what is left
+    with _sigint_deferred():
+        pool._threadpool.shutdown(wait=False, cancel_futures=True)
+        for worker in list(pool._worker_map.values()):
+            process = worker._proc
+            if process is not None:
+                kill_child_processes(process.pid)
+                with contextlib.suppress(OSError):
+                    process.kill()
+        pool.shutdown(wait=True)  # joins the threads, which may have started a worker after the kill above
+        for worker in list(pool._worker_map.values()):
+            worker.kill()  # kills and reaps what is left
 
 
 class ClosingLocalBuilder:
