@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean arm-env
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
-test: $(STAMP)
+# Debian's ARM cross compilers and qemu-user (installed when missing: needs root) and an aarch64 Python with
+# TVM's aarch64 wheels (tvmlayers/emulation.py; built once into the user's cache): the edge tests run on them.
+arm-env: $(STAMP)
+	$(VENV)/bin/python -m tvmlayers.emulation
+
+test: $(STAMP) arm-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -n 2 tests
 
