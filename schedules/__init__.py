@@ -1,4 +1,5 @@
-"""Per-target default schedules: rule objects tried in order by :func:`default_schedule`.
+"""Per-target default schedules: rule families, each serving the targets it declares, whose rules
+:func:`default_schedule` tries in order.
 
 Also the layout policy (:func:`weight_layout`): how a target wants the weights of conv2d/linear blocked,
 which decides the kernel's calling convention and so is part of the kernel's cache key.
@@ -11,19 +12,19 @@ from tvm.s_tir import Schedule
 
 from tvmlayers.spec import KernelSpec
 
-from .generic import GenericParallel
-from .rule import ScheduleRule, vector_lanes
-from .x86 import RULES as X86_RULES
+from .cpu import CpuFamily, cpu_config, is_simd_cpu
+from .generic import GenericFamily
+from .rule import RuleFamily, ScheduleRule
 
-__all__ = ["ScheduleRule", "default_schedule", "rules_for", "weight_layout"]
+__all__ = ["FAMILIES", "RuleFamily", "ScheduleRule", "default_schedule", "rules_for", "weight_layout"]
+
+# Most specific first: a target's own family, then the fallback every LLVM target has.
+FAMILIES: tuple[RuleFamily, ...] = (CpuFamily(), GenericFamily())
 
 
 def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:
-    triple = str(target.attrs.get("mtriple", ""))
-    rules: list[ScheduleRule] = []
-    if target.kind.name == "llvm" and triple.startswith(("x86_64", "i686", "i386")):
-        rules += X86_RULES
-    return rules + [GenericParallel()]
+    """The rules of every family that serves ``target``, in the order they are tried."""
+    return [rule for family in FAMILIES if family.is_target_available(target) for rule in family.rules]
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tuple[Schedule, str]:
@@ -47,8 +48,8 @@ def weight_layout(spec: KernelSpec) -> dict:
     """{"weight_block": b}: the weight's output channels are stored in blocks of b (1 = torch's layout)."""
     if spec.op not in ("conv2d", "linear"):
         return {}
-    target = spec.target
-    lanes = vector_lanes(target, spec.dtype) if target.kind.name == "llvm" else 1
+    # the CPU rules vectorize over a block; any other rule reads torch's layout best
+    lanes = cpu_config(spec.target).vector_lanes(spec.dtype) if is_simd_cpu(spec.target) else 1
     out_channels, in_per_group = spec["weight_shape"][:2]
     if spec.op == "conv2d":
         if in_per_group == 1:  # depthwise: vectorize along the output row instead

@@ -1,4 +1,4 @@
-"""The rule of last resort for any CPU target: outermost spatial loops of every block on the thread pool."""
+"""The rule of last resort for any LLVM target: outermost spatial loops of every block on the thread pool."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ class GenericParallel:
     name = "generic.parallel"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
         sch = Schedule(func)
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             loops = sch.get_loops(block)
@@ -23,3 +21,13 @@ class GenericParallel:
             if spatial:
                 sch.parallel(sch.fuse(*spatial[:3]) if len(spatial) > 1 else spatial[0])
         return sch
+
+
+class GenericFamily:
+    """Serves every LLVM target, after the families written for its CPU."""
+
+    name = "generic"
+    rules = (GenericParallel(),)
+
+    def is_target_available(self, target: tvm.target.Target) -> bool:
+        return target.kind.name == "llvm"

@@ -1,14 +1,13 @@
-"""The schedule-rule interface (as in TVM's s_tir.dlight) and small helpers the rules share."""
+"""The schedule-rule and rule-family interfaces (as in TVM's s_tir.dlight) and small helpers the rules share."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
-
-from tvmlayers.targets import vector_bits
 
 
 class ScheduleRule(Protocol):
@@ -23,6 +22,16 @@ class ScheduleRule(Protocol):
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None: ...
 
 
+class RuleFamily(Protocol):
+    """Rules written for a kind of target, which declares the targets it serves (dlight's
+    ``is_target_available``): the dispatcher asks each family instead of matching target triples itself."""
+
+    name: str
+    rules: Sequence[ScheduleRule]
+
+    def is_target_available(self, target: tvm.target.Target) -> bool: ...
+
+
 def op_of(func: tvm.tirx.PrimFunc) -> str | None:
     attrs = func.attrs
     return str(attrs["tvmlayers.op"]) if attrs is not None and "tvmlayers.op" in attrs else None
@@ -31,22 +40,6 @@ def op_of(func: tvm.tirx.PrimFunc) -> str | None:
 def input_dtype(func: tvm.tirx.PrimFunc) -> str:
     """The element type of the kernel's first input (all our kernels compute in their input's type)."""
     return str(func.params[0].dtype)
-
-
-def vector_lanes(target: tvm.target.Target, dtype: str) -> int:
-    return max(1, vector_bits(target) // tvm.DataType(dtype).bits)
-
-
-def register_tile_limit(target: tvm.target.Target) -> int:
-    """How many accumulator vectors a micro-kernel may keep live: AVX-512 and NEON-A64 have 32 registers,
-    AVX2 has 16; a few stay free for the weight vector and the broadcast input."""
-    return 28 if vector_bits(target) >= 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 12
-
-
-def conv_accumulator_limit(target: tvm.target.Target) -> int:
-    """Accumulator vectors of a conv register tile: half of :func:`register_tile_limit`'s registers and a
-    few more (measured: fuller tiles ran slower, see ``x86/conv2d.py``)."""
-    return 16 if register_tile_limit(target) >= 28 else 8
 
 
 def largest_divisor(n: int, limit: int) -> int:

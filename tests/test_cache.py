@@ -40,7 +40,7 @@ def test_second_process_loads_without_compiling(tmp_path: Path) -> None:
     assert first["built_here"] is True and second["built_here"] is False
     assert first["key"] == second["key"]
     assert first["error"] < 1e-4 and second["error"] < 1e-4
-    assert second["provenance"] == {"source": "default", "rule": "x86.conv2d_blocked"}
+    assert second["provenance"] == {"source": "default", "rule": "cpu.conv2d_blocked"}
 
 
 def test_concurrent_builders_compile_once(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_kernel_for_uses_the_memo_then_the_disk(tmp_path: Path) -> None:
     kernel(x, out)
     assert torch.equal(out, torch.relu(x))
     manifest = json.loads((kernel.path.parent / "manifest.json").read_text())
-    assert manifest["spec"] == spec.to_json() and manifest["provenance"]["rule"] == "x86.relu"
+    assert manifest["spec"] == spec.to_json() and manifest["provenance"]["rule"] == "cpu.relu"
     assert KernelSpec.from_json(manifest["spec"]) == spec
 
 

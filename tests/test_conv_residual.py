@@ -18,8 +18,8 @@ import tvmlayers.functional as tf
 from conftest import HOST, assert_matches_torch, torch_conv2d
 from tvmlayers import ops, schedules
 from tvmlayers.benchmark import bench_spec
+from tvmlayers.schedules.cpu import CpuConv2dBlocked, CpuConv2dSpatial
 from tvmlayers.schedules.generic import GenericParallel
-from tvmlayers.schedules.x86 import X86Conv2dBlocked, X86Conv2dSpatial
 from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.database import shipped_log_root, workload_hash
 from tvmlayers.tuning.extract import extract_workloads
@@ -211,7 +211,7 @@ DEPTHWISE = _residual_spec((1, 16, 10, 14), (16, 1, 3, 3), groups=16, stride=2)
 
 
 @pytest.mark.parametrize(
-    "spec, rule", [(BLOCKED, X86Conv2dBlocked()), (DEPTHWISE, X86Conv2dSpatial())], ids=["blocked", "depthwise"]
+    "spec, rule", [(BLOCKED, CpuConv2dBlocked()), (DEPTHWISE, CpuConv2dSpatial())], ids=["blocked", "depthwise"]
 )
 def test_x86_write_back_adds_the_residual_vectorized(spec: KernelSpec, rule) -> None:
     layout = schedules.weight_layout(spec)

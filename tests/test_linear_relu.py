@@ -20,7 +20,7 @@ from conftest import assert_matches_torch
         ((1, 512), 1000, True),  # a classifier head: one row
         ((33, 64), 48, True),  # odd row count, blocked features
         ((3, 17), 1, True),  # one output feature
-        ((1, 2048), 10, True),  # few outputs: dot products along in_features (x86.linear_dot)
+        ((1, 2048), 10, True),  # few outputs: dot products along in_features (cpu.linear_dot)
         ((300, 1024), 13, False),  # the same, rows in parallel, 13 outputs one at a time
     ],
 )

@@ -104,11 +104,11 @@ def test_kernels_record_provenance_per_input_shape() -> None:
     assert set(conv.kernels) == {(1, 16, 8, 8), (2, 16, 6, 6), (16, 8, 8)}
     assert conv.kernels[(16, 8, 8)] is conv.kernels[(1, 16, 8, 8)]
     for kernel in conv.kernels.values():
-        assert kernel.provenance == {"source": "default", "rule": "x86.conv2d_blocked"}
+        assert kernel.provenance == {"source": "default", "rule": "cpu.conv2d_blocked"}
         assert kernel.spec.op == "conv2d" and kernel.path.exists()
     depthwise = tl.Conv2d(8, 8, 3, groups=8)
     depthwise(torch.randn(1, 8, 6, 6))
-    assert next(iter(depthwise.kernels.values())).provenance["rule"] == "x86.conv2d_spatial"
+    assert next(iter(depthwise.kernels.values())).provenance["rule"] == "cpu.conv2d_spatial"
 
 
 class SmallCNN(torch.nn.Module):

@@ -74,7 +74,7 @@ def test_a_fresh_process_uses_the_tuned_record(tuned_log: Path, tmp_path: Path) 
     assert report["error"] < 1e-4
     # without the log the same layer falls back to the default rule (and a different cache key)
     report = _child({"TVMLAYERS_TUNING_LOGS": str(tmp_path / "empty"), "TVMLAYERS_CACHE_DIR": str(tmp_path)})
-    assert report["provenance"] == {"source": "default", "rule": "x86.conv2d_blocked"}
+    assert report["provenance"] == {"source": "default", "rule": "cpu.conv2d_blocked"}
 
 
 def test_rerun_counts_existing_trials(tuned_log: Path) -> None:

@@ -1,10 +1,10 @@
-"""x86 linear schedules.
+"""CPU linear schedules.
 
-``X86Linear``: a register tile of ``rows`` input rows times ``blocks`` SIMD vectors of output features
+``CpuLinearBlocked``: a register tile of ``rows`` input rows times ``blocks`` SIMD vectors of output features
 accumulates while the reduction streams the packed weight panels ``(in_features, block)``.  Several
 independent accumulators matter even for one row: with a single vector every FMA waits for the previous one.
 
-``X86LinearDot``: for few output features (a classifier head: 2048 -> 10) a block of output features
+``CpuLinearDot``: for few output features (a classifier head: 2048 -> 10) a block of output features
 fills a fraction of a register, so the weight stays in torch's layout (``weight_block`` 1) and each
 output is a dot product vectorized along ``in_features``: one vector of partial sums per output, up to
 ``MAX_DOT_OUTPUTS`` outputs at a time as independent FMA chains, summed across lanes at the end.
@@ -15,15 +15,8 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
-from ..rule import (
-    block_extents,
-    inner_loops,
-    input_dtype,
-    largest_divisor,
-    op_of,
-    register_tile_limit,
-    vector_lanes,
-)
+from ..rule import block_extents, inner_loops, input_dtype, largest_divisor, op_of
+from .config import cpu_config
 
 MAX_TILE_ROWS = 8
 MAX_TILE_BLOCKS = 8
@@ -32,8 +25,8 @@ MAX_DOT_OUTPUTS = 10  # vectors of partial sums in flight: enough FMA chains, we
 PARALLEL_MIN_MACS = 1 << 18
 
 
-class X86Linear:
-    name = "x86.linear_blocked"
+class CpuLinearBlocked:
+    name = "cpu.linear_blocked"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "linear":
@@ -41,7 +34,7 @@ class X86Linear:
         sch = Schedule(func)
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
         rows, out_blocks, block, in_features = block_extents(sch, "linear_blocked")
-        limit = register_tile_limit(target)
+        limit = cpu_config(target).register_tile_limit
         m, n = sch.get_loops(out)
         no, ni = sch.split(n, [None, block])
         if tunable:
@@ -69,8 +62,8 @@ class X86Linear:
         return sch
 
 
-class X86LinearDot:
-    name = "x86.linear_dot"
+class CpuLinearDot:
+    name = "cpu.linear_dot"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "linear":
@@ -78,7 +71,7 @@ class X86LinearDot:
         sch = Schedule(func)
         acc = sch.get_sblock("linear_blocked")
         rows, out_features, block, in_features = block_extents(sch, "linear_blocked")
-        lanes = vector_lanes(target, input_dtype(func))
+        lanes = cpu_config(target).vector_lanes(input_dtype(func))
         if block != 1 or in_features % lanes:  # a tail of the reduction would need a predicate per vector
             return None
         row, _, _, k = sch.get_loops(acc)

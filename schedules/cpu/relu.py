@@ -1,4 +1,4 @@
-"""x86 relu schedule: SIMD vectors along the innermost dimension, and the thread pool only where the
+"""CPU relu schedule: SIMD vectors along the innermost dimension, and the thread pool only where the
 tensor is large enough to pay for waking it (a few microseconds), as torch decides.
 
 A vector does not cross a row that is at least one register wide: vectorizing a loop fused across
@@ -14,14 +14,15 @@ import math
 import tvm
 from tvm.s_tir import Schedule
 
-from ..rule import input_dtype, largest_divisor, op_of, vector_lanes
+from ..rule import input_dtype, largest_divisor, op_of
+from .config import cpu_config
 
 PARALLEL_MIN_ELEMENTS = 1 << 15  # torch's grain size for elementwise ops
 MAX_VECTOR_REGISTERS = 4  # lanes of one vector access: at most this many SIMD registers
 
 
-class X86Relu:
-    name = "x86.relu"
+class CpuRelu:
+    name = "cpu.relu"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "relu":
@@ -29,7 +30,7 @@ class X86Relu:
         sch = Schedule(func)
         *outer, row = sch.get_loops(sch.get_sblock("relu"))
         width = int(sch.get(row).extent)
-        lanes = vector_lanes(target, input_dtype(func))
+        lanes = cpu_config(target).vector_lanes(input_dtype(func))
         limit = MAX_VECTOR_REGISTERS * lanes
         if width < lanes:
             # rows narrower than a register (7x7 planes): vectors across rows, which measured 2.5x

@@ -1,4 +1,4 @@
-"""x86 max_pool2d schedule: memory-bound, so rows go to the thread pool and each window is unrolled."""
+"""CPU max_pool2d schedule: memory-bound, so rows go to the thread pool and each window is unrolled."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from tvm.s_tir import Schedule
 from ..rule import op_of, parallel_outer
 
 
-class X86MaxPool2d:
-    name = "x86.max_pool2d"
+class CpuMaxPool2d:
+    name = "cpu.max_pool2d"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "max_pool2d":

@@ -1,8 +1,8 @@
-"""x86 conv2d schedules.
+"""CPU conv2d schedules.
 
-``X86Conv2dBlocked`` is the NCHW[x]c micro-kernel of TOPI's x86 conv: one or more SIMD vectors of
+``CpuConv2dBlocked`` is the NCHW[x]c micro-kernel of TOPI's x86 conv: one or more SIMD vectors of
 ``block`` output channels times a few output columns accumulate in registers while the reduction over
-input channels and kernel taps streams broadcast inputs and vector weights.  ``X86Conv2dSpatial`` covers
+input channels and kernel taps streams broadcast inputs and vector weights.  ``CpuConv2dSpatial`` covers
 block 1 (depthwise and odd channel counts) by vectorizing along the output row instead.
 
 Both drive the loop nest from the final NCHW stage and ``compute_at`` the blocked accumulator into a
@@ -16,19 +16,8 @@ import math
 import tvm
 from tvm.s_tir import Schedule
 
-from ..rule import (
-    block_extents,
-    conv_accumulator_limit,
-    has_block,
-    inner_loops,
-    input_dtype,
-    largest_divisor,
-    op_of,
-    parallel_outer,
-    vector_lanes,
-)
-
-ROW_PAD_MIN_BYTES = 2 << 20  # the L2 of one core on the machines we measured (Emerald Rapids)
+from ..rule import block_extents, has_block, inner_loops, input_dtype, largest_divisor, op_of, parallel_outer
+from .config import cpu_config
 
 
 def _row_tile(out_width: int, limit: int) -> int:
@@ -120,28 +109,29 @@ def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_p
     return sch
 
 
-class X86Conv2dBlocked:
-    name = "x86.conv2d_blocked"
+class CpuConv2dBlocked:
+    name = "cpu.conv2d_blocked"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "conv2d" or int(func.params[1].shape[-1]) == 1:
             return None
         # A padded input larger than L2 would go out to L3 and come back for the conv (VGG's 64x224x224:
         # 13 MB): padded a row at a time it stays in cache, 15% faster there, slower on small inputs.
+        config = cpu_config(target)
         sch = Schedule(func)
         itemsize = tvm.DataType(input_dtype(func)).bits // 8
         padded = math.prod(block_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
-        pad_per_row = padded > ROW_PAD_MIN_BYTES
-        return _schedule(sch, conv_accumulator_limit(target), tunable, "channel", pad_per_row)
+        pad_per_row = padded > config.l2_bytes
+        return _schedule(sch, config.conv_accumulator_limit, tunable, "channel", pad_per_row)
 
 
-class X86Conv2dSpatial:
-    name = "x86.conv2d_spatial"
+class CpuConv2dSpatial:
+    name = "cpu.conv2d_spatial"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "conv2d":
             return None
-        lanes = vector_lanes(target, input_dtype(func))
+        lanes = cpu_config(target).vector_lanes(input_dtype(func))
         # A strided depthwise conv reads every other input column: vectors of output columns gather.
         # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
         # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
