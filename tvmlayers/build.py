@@ -14,6 +14,7 @@ import threading
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import tvm
 
@@ -22,7 +23,7 @@ from .cache import KernelCache
 from .formats import kernel_key
 from .kernel import Kernel
 from .spec import KernelSpec
-from .targets import target_key
+from .targets import host_arch, runs_here, target_arch, target_key
 from .tuning.apply import RecordError, compile_record
 from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .tuning.untuned import note_untuned
@@ -65,8 +66,9 @@ def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningReco
     return None
 
 
-def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None) -> dict:
-    """Schedule and compile ``spec``, export the library to ``so_path``; returns the manifest fields."""
+def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None, fcompile: Any = None) -> dict:
+    """Schedule and compile ``spec``, export the library to ``so_path`` (linked by ``fcompile``, e.g. a cross
+    compiler; None: the system's); returns the manifest fields."""
     if record is None:
         sch, rule = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)
         executable = tvm.compile(sch.mod, target=spec.target)
@@ -74,7 +76,7 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
     else:
         executable = compile_record(spec, layout, record)
         provenance = record.provenance()
-    executable.export_library(str(so_path))
+    executable.export_library(str(so_path), fcompile=fcompile)
     return {
         "spec": spec.to_json(),
         "layout": layout,
@@ -83,6 +85,25 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
         "output_shapes": [list(s) for s in ops.output_shapes(spec, layout)],
         "tvm_version": tvm.__version__,
     }
+
+
+def compile_library(spec: KernelSpec, so_path: Path, fcompile: Any = None) -> dict:
+    """Compile ``spec`` into the library ``so_path`` outside the kernel cache, linked by ``fcompile`` (bundles
+    for other machines: a cross compiler), with the schedule ``kernel_for`` would use (the best usable tuning
+    record, else the default rules); returns its manifest fields (layout, provenance, symbol, output shapes)."""
+    layout = schedules.weight_layout(spec)
+    while True:
+        tuned = _tuned_record(spec, layout)
+        try:
+            return _compile(spec, layout, so_path, tuned[1] if tuned else None, fcompile)
+        except RecordError as wrong:
+            log, record = tuned
+            log.reject(record, str(wrong))
+            warnings.warn(
+                f"tvmlayers: tuning record {record.id} is unusable for {spec.describe()}: {wrong}; it is marked "
+                "rejected and skipped",
+                stacklevel=2,
+            )
 
 
 def _warn_untuned(spec: KernelSpec, cache_root: Path) -> None:
@@ -115,6 +136,13 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel
+    if not runs_here(spec.target):  # loading it here would fail inside dlopen, or worse
+        raise RuntimeError(
+            f"tvmlayers: {spec.describe()} is for target {target_key(spec.target)} ({target_arch(spec.target)}), "
+            f"which cannot run in this process (this machine is {host_arch()}): compile its "
+            "kernels for the device with `tvmlayers compile --target ... -o DIR` (or tl.compile_bundle) and run "
+            "the bundle's run.py there; leave target= out to run on this machine"
+        )
     kernel_cache = KernelCache(cache_dir)
     with _memo_lock:
         kernel = _memo.get(memo_key)

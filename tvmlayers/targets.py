@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -11,21 +14,126 @@ import tvm
 TargetLike = str | dict | tvm.target.Target | None
 
 
+def host_arch() -> str:
+    """This machine's architecture as tvmlayers names it: ``x86_64`` or ``aarch64``."""
+    machine = platform.machine().lower()
+    arch = _ARCH_ALIASES.get(machine, machine)
+    if arch not in ("x86_64", "aarch64"):
+        raise RuntimeError(f"tvmlayers runs on x86_64 and aarch64 Linux hosts, not on {machine}")
+    return arch
+
+
 def _host_target() -> dict:
     # "mcpu": "native" is rejected by the wheel's LLVM; ask LLVM which CPU this is instead.
     return {
         "kind": "llvm",
-        "mtriple": "x86_64-linux-gnu",
+        "mtriple": f"{host_arch()}-linux-gnu",
         "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
         "num-cores": psutil.cpu_count(logical=False) or 1,
     }
 
 
+def _preset(mtriple: str, **attrs: Any) -> Any:
+    """The factory of a fixed target dict (``num_cores`` is spelled ``num-cores`` in TVM)."""
+    if "num_cores" in attrs:
+        attrs["num-cores"] = attrs.pop("num_cores")
+    return lambda: {"kind": "llvm", "mtriple": mtriple, **attrs}
+
+
+_NEON = ["+neon"]  # armv8-a has NEON; naming it keeps the key and the schedules explicit about it
+
 # name -> (description, factory of the target dict)
 PRESETS: dict[str, tuple[str, Any]] = {
-    "host": ("the CPU of this machine (x86_64, -mcpu from LLVM's host detection)", _host_target),
+    "host": ("the CPU of this machine (its triple, -mcpu from LLVM's host detection)", _host_target),
     "x86": ("alias of host", _host_target),
+    "aarch64": (
+        "any 64-bit ARM Linux board: armv8-a + NEON, 4 cores",
+        _preset("aarch64-linux-gnu", mattr=_NEON, num_cores=4),
+    ),
+    "rasp4b": (
+        "Raspberry Pi 4 Model B, 64-bit OS: Cortex-A72, 4 cores",
+        _preset("aarch64-linux-gnu", mcpu="cortex-a72", mattr=_NEON, num_cores=4),
+    ),
+    "rasp5": (
+        "Raspberry Pi 5, 64-bit OS: Cortex-A76, 4 cores",
+        _preset("aarch64-linux-gnu", mcpu="cortex-a76", mattr=_NEON, num_cores=4),
+    ),
+    "armv7": (
+        "32-bit ARM Linux (armhf, e.g. Raspberry Pi OS 32-bit): armv7-a, NEON + VFPv4, hard-float, 4 cores",
+        _preset("armv7a-linux-gnueabihf", mattr=["+neon", "+vfp4"], num_cores=4, **{"mfloat-abi": "hard"}),
+    ),
+    "x86-avx512": (
+        "another x86_64 machine with AVX-512 (Skylake-SP and later)",
+        _preset("x86_64-linux-gnu", mcpu="skylake-avx512"),
+    ),
+    "x86-avx2": (
+        "another x86_64 machine with AVX2 and FMA (Haswell and later)",
+        _preset("x86_64-linux-gnu", mcpu="haswell"),
+    ),
 }
+
+# platform.machine() and LLVM triple spellings -> our architecture names
+_ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def target_arch(target: tvm.target.Target) -> str:
+    """The CPU architecture a target's code runs on: ``x86_64``, ``aarch64``, ``arm`` (32-bit) or another
+    triple's first part; a target without a triple (the LLVM default, a GPU target without a host) is the host's."""
+    host = target.host if target.kind.name != "llvm" and target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
+    if not triple:
+        return host_arch()
+    arch = triple.split("-")[0].lower()
+    if arch.startswith(("armv", "arm", "thumb")) and arch not in _ARCH_ALIASES:
+        return "arm"
+    return _ARCH_ALIASES.get(arch, arch)
+
+
+def runs_here(target: tvm.target.Target) -> bool:
+    """Whether this process can load and call kernels compiled for ``target`` (same architecture as this host).
+    Kernels for other targets are checked where they run: a board, an RPC device, or qemu in tests."""
+    return target_arch(target) == host_arch()
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The C compiler that links a target's kernels into a shared library, and the Debian packages that have it."""
+
+    compiler: str
+    packages: tuple[str, ...]
+
+    def installed(self) -> bool:
+        return shutil.which(self.compiler) is not None
+
+    def require(self, what: str) -> str:
+        """The compiler's path, or a RuntimeError naming the Debian packages to install (``what``: for whom)."""
+        path = shutil.which(self.compiler)
+        if path is None:
+            raise RuntimeError(
+                f"{what} needs the C compiler {self.compiler}, which is not on PATH: install it with "
+                f"`apt-get install {' '.join(self.packages)}` (Debian/Ubuntu; `python -m tvmlayers.emulation` "
+                "as root installs the ARM toolchains)"
+            )
+        return path
+
+
+# architecture -> (compiler, Debian cross packages); the libc6-dev-*-cross package has crti.o, without which
+# linking fails when apt skips recommended packages
+_CROSS = {
+    "aarch64": ("aarch64-linux-gnu-gcc", ("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross")),
+    "arm": ("arm-linux-gnueabihf-gcc", ("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross")),
+    "x86_64": ("x86_64-linux-gnu-gcc", ("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross")),
+}
+
+
+def toolchain(target: tvm.target.Target) -> Toolchain:
+    """The toolchain that links ``target``'s kernels: Debian's triple-prefixed gcc, native on the same
+    architecture (package ``gcc``), a cross compiler otherwise."""
+    arch = target_arch(target)
+    if arch not in _CROSS:
+        raise ValueError(f"no toolchain known for {arch} targets: tvmlayers links for {sorted(_CROSS)}")
+    compiler, packages = _CROSS[arch]
+    return Toolchain(compiler, ("gcc",) if arch == host_arch() else packages)
 
 
 @cache
