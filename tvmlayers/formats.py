@@ -58,7 +58,8 @@ line (not JSON, nested too deep, over 8 MiB, wrong shape, bad target), is report
 its file and line, and skipped; a malformed ``tvmlayers.json`` or field reads as empty.
 
 Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning.workloads`.
-Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport`.
+Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
+:class:`tvmlayers.model_bench.ModelReport`.
 Environment: ``TVMLAYERS_CACHE_DIR`` (kernel cache), ``TVMLAYERS_TUNING_LOGS`` (user tuning logs),
 ``TVMLAYERS_TUNED=0`` (ignore tuning logs), ``TVM_NUM_THREADS`` (kernel threads).
 """
@@ -73,7 +74,7 @@ KERNEL_KEY_VERSION = 1
 KERNEL_CACHE_VERSION = 1
 TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
-REPORT_FORMAT = 2  # 2: call overhead fields
+REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of the model alone and alternating calls
 
 
 def canonical_json(obj: Any) -> str:

@@ -58,6 +58,10 @@ CLASSIFIERS = (
 PEERS = ("eager", "compile", "onnxruntime")
 # float32 tolerance of the largest difference, relative to the reference output's largest magnitude
 TOLERANCE = 1e-3
+# The loop protocol: each candidate runs LOOP_BLOCK timed calls in a row, after LOOP_SETTLE_S of untimed ones
+# (the previous candidate's threads stop spinning, this one's caches hold its own weights), in rounds.
+LOOP_BLOCK = 5
+LOOP_SETTLE_S = 0.02
 INSTALL_HINT = "pip install 'tvmlayers[models]'"
 
 # torchvision's import registers fake kernels for these two ops of its C++ library; its only wheel for
@@ -212,9 +216,16 @@ class Candidate:
     name: str  # tvmlayers, eager, compile, onnxruntime
     status: str  # "ok", "WRONG", "skipped: <why>", "failed: <why>"
     max_error: float | None = None  # relative to eager's output magnitude
-    ms: float | None = None  # median of the alternating calls
+    # in a loop that runs only this model (blocks of calls after settling, the blocks of all candidates
+    # interleaved): what an inference loop sees
+    ms: float | None = None  # median
     spread_ms: float | None = None  # interquartile range
     speedup: float | None = None  # eager's time / this one's: above 1 is faster than torch eager
+    # calls alternating one by one with the other candidates' (each after another model's call): caches
+    # hold the other model's weights and activations
+    alternating_ms: float | None = None
+    alternating_spread_ms: float | None = None
+    alternating_speedup: float | None = None
 
 
 @dataclass
@@ -258,12 +269,14 @@ class ModelReport:
         shape = "x".join(map(str, self.input_shape))
         return (
             f"{self.model} ({self.origin}), input {shape} float32; CPU {self.cpu} ({self.target}); "
-            f"{self.threads} threads for every candidate; median of {self.repeat} alternating calls; "
+            f"{self.threads} threads for every candidate; median of {self.repeat} calls in a loop of the model "
+            f"alone (blocks of {LOOP_BLOCK}, interleaved) and of {self.repeat} calls alternating with the others; "
             f"peers: eager ran, {peers}"
         )
 
     def _candidate_table(self) -> tuple[list[str], list[list[str]]]:
-        header = ["candidate", "status", "max rel. error", "ms (median ± IQR)", "speedup vs eager"]
+        header = ["candidate", "status", "max rel. error", "loop: ms (median ± IQR)", "speedup vs eager"]
+        header += ["alternating: ms", "speedup"]
         lines = [
             [
                 c.name,
@@ -271,6 +284,8 @@ class ModelReport:
                 "" if c.max_error is None else f"{c.max_error:.2g}",
                 "" if c.ms is None else f"{c.ms:.2f} ± {c.spread_ms:.2f}",
                 "" if c.speedup is None else f"{c.speedup:.2f}x",
+                "" if c.alternating_ms is None else f"{c.alternating_ms:.2f} ± {c.alternating_spread_ms:.2f}",
+                "" if c.alternating_speedup is None else f"{c.alternating_speedup:.2f}x",
             ]
             for c in self.candidates
         ]
@@ -309,7 +324,8 @@ class ModelReport:
 
 
 def summary(reports: Sequence[ModelReport], markdown: bool = False) -> str:
-    """One line per model: each candidate's median and speedup over torch eager."""
+    """One line per model: each candidate's median and speedup over torch eager in a loop of the model alone
+    (the alternating calls are in each model's own table)."""
     names = ["tvmlayers", *PEERS]
     header = ["model", *(f"{name} ms" for name in names), *(f"{name} speedup" for name in names if name != "eager")]
     lines = []
@@ -363,32 +379,44 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _onnxruntime_call(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
-    """A call of the model exported to ONNX, on an ONNX Runtime CPU session with ``threads`` intra-op threads."""
+@dataclass
+class Calls:
+    """A candidate's call for each timing protocol (the same function, except ONNX Runtime's sessions)."""
+
+    loop: Callable[[], torch.Tensor]
+    alternating: Callable[[], torch.Tensor]
+
+
+def _onnxruntime_calls(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Calls:
+    """Calls of the model exported to ONNX, on ONNX Runtime CPU sessions with ``threads`` intra-op threads."""
     import onnxruntime  # noqa: PLC0415 - an optional extra
 
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    # ORT's own pool spins after each run by default: in the alternating rounds that would take the cores from
-    # the next candidate (the others share torch's pool), so its threads sleep and ORT pays its own wake-up
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(
-        program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: torch.from_numpy(session.run(None, feed)[0])
+    proto = program.model_proto.SerializeToString()
+
+    def session_call(spinning: bool) -> Callable[[], torch.Tensor]:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        session = onnxruntime.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return lambda: torch.from_numpy(session.run(None, feed)[0])
+
+    # ORT's pool spins after each run by default, its best in a loop of its own (the settling before each
+    # block lets the spinning end before another candidate runs); alternating, the spinning threads would
+    # take the cores from the next candidate, so there they sleep and ORT pays its own wake-up
+    return Calls(loop=session_call(spinning=True), alternating=session_call(spinning=False))
 
 
-def _peer_call(name: str, model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+def _peer_calls(name: str, model: torch.nn.Module, x: torch.Tensor, threads: int) -> Calls:
     if name == "eager":
-        return lambda: model(x)
+        return Calls(lambda: model(x), lambda: model(x))
     if name == "compile":
         compiled = torch.compile(model)
-        return lambda: compiled(x)
-    return _onnxruntime_call(model, x, threads)
+        return Calls(lambda: compiled(x), lambda: compiled(x))
+    return _onnxruntime_calls(model, x, threads)
 
 
 def bench_model(
@@ -431,10 +459,12 @@ def bench_model(
         converted = convert(model, target=target)
     except Exception as err:  # noqa: BLE001 - a model convert cannot handle is a failed candidate; peers still run
         report.candidates.append(Candidate("tvmlayers", f"failed: {_one_line(err)}"))
-    calls: dict[str, Callable] = {} if converted is None else {"tvmlayers": lambda: converted(x)}
+    calls: dict[str, Calls] = {}
+    if converted is not None:
+        calls["tvmlayers"] = Calls(lambda: converted(x), lambda: converted(x))
     for peer in ("eager", *(p for p in PEERS if p in peers and p != "eager")):
         try:
-            calls[peer] = _peer_call(peer, model, x, report.threads)
+            calls[peer] = _peer_calls(peer, model, x, report.threads)
         except ImportError as err:
             report.candidates.append(Candidate(peer, f"skipped: {err.name or err} not installed ({INSTALL_HINT})"))
         except Exception as err:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
@@ -447,26 +477,29 @@ def bench_model(
             report.conversion = conversion.summary() if conversion is not None else ""
             report.leaves, report.leaves_matched, report.first_unmatched = match_leaves(model, converted, x)
         timed = _check(calls, want, report)
-        times = _interleaved([calls[n] for n in timed], repeat, warmup, block=1, settle_s=0.0)
-        for candidate_name, seconds in zip(timed, times, strict=True):
+        loop = _interleaved([calls[n].loop for n in timed], repeat, warmup, block=LOOP_BLOCK, settle_s=LOOP_SETTLE_S)
+        alternating = _interleaved([calls[n].alternating for n in timed], repeat, warmup, block=1, settle_s=0.0)
+        for candidate_name, loop_s, alternating_s in zip(timed, loop, alternating, strict=True):
             candidate = report.candidate(candidate_name)
-            candidate.ms, candidate.spread_ms = _median_and_spread(seconds)
+            candidate.ms, candidate.spread_ms = _median_and_spread(loop_s)
+            candidate.alternating_ms, candidate.alternating_spread_ms = _median_and_spread(alternating_s)
         eager = report.candidate("eager")
         for candidate in report.candidates:
             if candidate.ms:
                 candidate.speedup = eager.ms / candidate.ms
+                candidate.alternating_speedup = eager.alternating_ms / candidate.alternating_ms
         report.candidates.sort(key=lambda c: ["tvmlayers", *PEERS].index(c.name))
         if layers and report.candidate("tvmlayers").status == "ok":
             _bench_layers(converted, x, target, repeat, warmup, report)
     return report
 
 
-def _check(calls: dict[str, Callable], want: torch.Tensor, report: ModelReport) -> list[str]:
+def _check(calls: dict[str, Calls], want: torch.Tensor, report: ModelReport) -> list[str]:
     """Run each candidate once (torch.compile compiles here) and compare with eager: the names to time."""
     timed = []
     for name, call in calls.items():
         try:
-            error = relative_error(_first(call()), want)
+            error = max(relative_error(_first(c()), want) for c in (call.loop, call.alternating))
         except Exception as err:  # noqa: BLE001 - e.g. inductor without a working C++ compiler
             report.candidates.append(Candidate(name, f"failed: {_one_line(err)}"))
             continue
