@@ -57,6 +57,29 @@ before it is replayed, compiled, merged or handed to MetaSchedule.  A refused re
 line (not JSON, nested too deep, over 8 MiB, wrong shape, bad target), is reported once per process with
 its file and line, and skipped; a malformed ``tvmlayers.json`` or field reads as empty.
 
+Bundles (``BUNDLE_FORMAT``), written by ``tvmlayers compile`` / :func:`tvmlayers.bundle.compile_bundle` for one
+target, checked and timed on the device by their own ``run.py`` (Python, numpy and TVM's runtime only)::
+
+    <bundle>/
+        manifest.json                     the JSON below
+        run.py                            tvmlayers/bundle_run.py, copied
+        kernels/<name>.so                 one kernel each, linked by the target's (cross) gcc
+        kernels/<name>.npz                its reference: input0.. (weights pre-packed), output0.. (torch's, on the host)
+
+    {"format": BUNDLE_FORMAT, "tvmlayers_version", "tvm_version", "created": <unix time>,
+     "target": <target JSON>, "target_key": tvmlayers.targets.target_key, "preset": <preset name or null>,
+     "arch": "x86_64" | "aarch64" | "arm" (tvmlayers.targets.target_arch), "compiler": <the linking gcc>,
+     "source": <workload file or model file and input shape>,
+     "kernels": [{"name", "layer": <op>, "describe": <one line>, "spec": KernelSpec.to_json(),
+                  "inputs": [{"shape", "dtype"}], "outputs": [{"shape", "dtype"}], "weight_layout": {...},
+                  "schedule": {"source": "default", "rule"} | {"source": "tuned", "record", ...},
+                  "symbol", "library": "kernels/<name>.so", "references": "kernels/<name>.npz",
+                  "tolerance": <relative: |got - want| <= tolerance * (1 + max |want|)>}],
+     "files": {<path relative to the bundle>: <sha256 hex>}}   every file but manifest.json
+
+``run.py`` refuses to load anything when a listed file is missing or its SHA-256 differs, and says so when
+the machine's architecture is not ``arch``.
+
 Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning.workloads`.
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
 :class:`tvmlayers.model_bench.ModelReport`.
@@ -75,6 +98,7 @@ KERNEL_CACHE_VERSION = 1
 TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
 REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of the model alone and alternating calls
+BUNDLE_FORMAT = 1
 
 
 def canonical_json(obj: Any) -> str:
