@@ -6,7 +6,7 @@ need root) and returns an :class:`ArmEnvironment`::
 
     env = ensure_arm_environment()
     subprocess.run([*env.python_argv(), "bundle/run.py"])                # aarch64 Python 3.11 under qemu
-    subprocess.run([*env.qemu_argv("armv7"), "./harness", "kernels.so"])  # a 32-bit ARM binary under qemu
+    subprocess.run([*env.qemu_argv("arm"), "./harness", "kernels.so"])  # a 32-bit ARM binary under qemu
 
 The Python is assembled without touching the host's dpkg database: a private apt configuration (own lists,
 empty dpkg status, ``APT::Architecture=arm64``) downloads Debian's arm64 python3.11 and the libraries it
@@ -67,7 +67,7 @@ def _wheels() -> tuple[str, ...]:
 # qemu-user binary and the sysroot of each emulated architecture's C library (from libc6-dev-*-cross)
 _QEMU = {
     "aarch64": ("qemu-aarch64", "/usr/aarch64-linux-gnu"),
-    "armv7": ("qemu-arm", "/usr/arm-linux-gnueabihf"),
+    "arm": ("qemu-arm", "/usr/arm-linux-gnueabihf"),
 }
 
 
@@ -101,12 +101,13 @@ class ArmEnvironment:
         return [*argv, str(self.sysroot / _PYTHON)]
 
     def qemu_argv(self, arch: str) -> list[str]:
-        """The argv prefix that runs a dynamically linked Linux binary of ``arch`` ("aarch64" or "armv7")."""
+        """The argv prefix that runs a dynamically linked Linux binary of ``arch`` (see :func:`qemu_argv`)."""
         return qemu_argv(arch)
 
 
 def qemu_argv(arch: str) -> list[str]:
-    """``qemu-<arch> -L <the cross C library>``: runs a Linux binary of ``arch`` ("aarch64" or "armv7")."""
+    """``qemu-<arch> -L <the cross C library>``: runs a Linux binary of ``arch`` ("aarch64" or "arm" for 32-bit,
+    as :func:`tvmlayers.targets.target_arch` names them)."""
     if arch not in _QEMU:
         raise ValueError(f"no emulator for {arch!r}: tvmlayers emulates {sorted(_QEMU)}")
     binary, libc = _QEMU[arch]
