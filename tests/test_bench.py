@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from conftest import conv3x3_spec
-from tvmlayers.benchmark import BenchReport, bench, bench_spec
+from tvmlayers.benchmark import BenchReport, bench, bench_spec, settled_and_alternating
 from tvmlayers.cli import main
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
@@ -93,3 +93,17 @@ def test_cli_writes_json_markdown_and_plot(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["op"] == "relu"
     assert (tmp_path / "r.md").read_text().startswith("target ")
     assert (tmp_path / "r.png").exists()
+
+
+def test_settled_and_alternating_time_both_ways_in_the_same_rounds() -> None:
+    order: list[str] = []
+    settled_a, settled_b = (lambda: order.append("A")), (lambda: order.append("B"))
+    alternating_a, alternating_b = (lambda: order.append("a")), (lambda: order.append("b"))
+    settled, alternating = settled_and_alternating(
+        [settled_a, settled_b], [alternating_a, alternating_b], repeat=7, warmup=1, block=3, settle_s=0.0
+    )
+    assert [len(t) for t in settled + alternating] == [7, 7, 7, 7]
+    assert all(t >= 0 for times in settled + alternating for t in times)
+    calls = "".join(order[4:])  # after the warm-up call of each
+    # a round: A's settling call and block, B's, then the alternating calls one by one; three rounds (3, 3, 1)
+    assert calls == "AAAABBBBababab" * 2 + "AABBab", calls

@@ -8,6 +8,7 @@ GFLOP/s (conv2d, linear) or GB/s (max_pool2d, relu) and the percentage of the ma
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -245,6 +246,51 @@ def _interleaved(
     return times
 
 
+def settled_and_alternating(
+    settled_calls: Sequence[Callable],
+    alternating_calls: Sequence[Callable],
+    repeat: int,
+    warmup: int,
+    block: int = 5,
+    settle_s: float = 0.02,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Time the candidates both ways in the same rounds, ``repeat`` calls each per way (seconds per call).
+
+    Each round times every ``settled_calls[i]`` in a block of ``block`` calls after ``settle_s`` of untimed
+    ones (its steady state: its own threads awake, its own data in cache), then ``block`` calls of each of
+    ``alternating_calls`` in turn, one by one with nothing in between.  Both ways so see the same moments
+    of a shared machine, and their ratio measures what switching costs, not what the load did meanwhile.
+    The two lists are the same functions except where a candidate is set up differently for alternating
+    (ONNX Runtime's pool: see :mod:`tvmlayers.model_bench`).
+    """
+    for fn in (*settled_calls, *alternating_calls):
+        for _ in range(warmup):
+            fn()
+    settled: list[list[float]] = [[] for _ in settled_calls]
+    alternating: list[list[float]] = [[] for _ in alternating_calls]
+    while len(settled[-1]) < repeat:
+        count = min(block, repeat - len(settled[-1]))
+        for fn, out in zip(settled_calls, settled, strict=True):
+            fn()
+            end = time.perf_counter() + settle_s
+            while time.perf_counter() < end:
+                fn()
+            out += _timed(fn, count)
+        for _ in range(count):
+            for fn, out in zip(alternating_calls, alternating, strict=True):
+                out += _timed(fn, 1)
+    return settled, alternating
+
+
+def _timed(fn: Callable, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _median_and_spread(times: list[float]) -> tuple[float, float]:
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3
@@ -287,13 +333,39 @@ def bench_spec(
     warmup: int,
     peak: tuple[float, float],
     ours: Callable | None = None,
-    settled: bool = True,
 ) -> BenchRow:
-    """One row; ``ours`` replaces the tvmlayers call (the harness's own tests use it).
+    """One row, each library timed in its steady state (blocks after untimed calls: no switch cost);
+    ``ours`` replaces the tvmlayers call (the harness's own tests use it)."""
+    row, ours_call, torch_call, timing = _checked_row(spec, target, ours)
+    if row.correct:
+        with torch.no_grad():
+            ours_times, torch_times = _interleaved([ours_call, torch_call], repeat, warmup)
+        timing(row, ours_times, torch_times, repeat, peak)
+    return row
 
-    ``settled`` times each library in blocks after untimed calls (no switch cost); without it the two
-    calls alternate one by one with nothing in between, as they do inside a converted model.
-    """
+
+def bench_spec_settled_and_alternating(
+    spec: KernelSpec, target: tvm.target.Target, repeat: int, warmup: int, peak: tuple[float, float]
+) -> tuple[BenchRow, BenchRow]:
+    """Two rows timed in the same rounds (:func:`settled_and_alternating`): settled, and the two calls
+    alternating one by one with nothing in between, as they do inside a converted model."""
+    settled, ours_call, torch_call, timing = _checked_row(spec, target, None)
+    alternating = copy.copy(settled)
+    if settled.correct:
+        calls = [ours_call, torch_call]
+        with torch.no_grad():
+            (ours_settled, torch_settled), (ours_alternating, torch_alternating) = settled_and_alternating(
+                calls, calls, repeat, warmup
+            )
+        timing(settled, ours_settled, torch_settled, repeat, peak)
+        timing(alternating, ours_alternating, torch_alternating, repeat, peak)
+    return settled, alternating
+
+
+def _checked_row(
+    spec: KernelSpec, target: tvm.target.Target, ours: Callable | None
+) -> tuple[BenchRow, Callable, Callable, Callable]:
+    """The row with its correctness against torch, the two calls, and the function that fills in the times."""
     ours_call, torch_call, inputs = _calls(spec, target)
     ours_call = ours or ours_call
     with torch.no_grad():
@@ -301,30 +373,26 @@ def bench_spec(
     from .build import kernel_for  # noqa: PLC0415 - the kernel the call above just built or loaded
 
     kernel = kernel_for(spec)
-    source = kernel.schedule
     error = (got - want).abs().max().item() if got.shape == want.shape else math.inf
     tolerance = (
         1e-3 * (1 + want.abs().max().item()) if spec.dtype == "float32" else 1e-9 * (1 + want.abs().max().item())
     )
-    row = BenchRow(_label(spec), spec.op, list(spec.input_shape), source, bool(error <= tolerance), error)
-    if not row.correct:
-        return row
-    with torch.no_grad():
-        ours_times, torch_times = _interleaved(
-            [ours_call, torch_call], repeat, warmup, *((5, 0.005) if settled else (1, 0.0))
-        )
-    row.ours_ms, row.ours_spread_ms = _median_and_spread(ours_times)
-    row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
-    row.speedup = row.torch_ms / row.ours_ms
-    dtypes = (want.dtype, torch.int64)  # values, then max_pool2d's indices
-    outputs = [torch.empty(shape, dtype=d) for shape, d in zip(kernel.output_shapes, dtypes, strict=False)]
-    args = [tvm.runtime.from_dlpack(t) for t in (*inputs, *outputs)]
-    timer = kernel.module.time_evaluator(SYMBOL, tvm.cpu(), number=10, repeat=max(3, repeat // 10))
-    row.kernel_ms = float(statistics.median(timer(*args).results)) * 1e3
-    work, row.unit = _work(spec, tuple(want.shape))
-    row.rate = work / (row.ours_ms / 1e3) / 1e9
-    row.percent_of_peak = 100 * row.rate / (peak[0] if row.unit == "GFLOP/s" else peak[1])
-    return row
+    row = BenchRow(_label(spec), spec.op, list(spec.input_shape), kernel.schedule, bool(error <= tolerance), error)
+
+    def timing(row: BenchRow, ours_times: list[float], torch_times: list[float], repeat: int, peak: tuple) -> None:
+        row.ours_ms, row.ours_spread_ms = _median_and_spread(ours_times)
+        row.torch_ms, row.torch_spread_ms = _median_and_spread(torch_times)
+        row.speedup = row.torch_ms / row.ours_ms
+        dtypes = (want.dtype, torch.int64)  # values, then max_pool2d's indices
+        outputs = [torch.empty(shape, dtype=d) for shape, d in zip(kernel.output_shapes, dtypes, strict=False)]
+        args = [tvm.runtime.from_dlpack(t) for t in (*inputs, *outputs)]
+        timer = kernel.module.time_evaluator(SYMBOL, tvm.cpu(), number=10, repeat=max(3, repeat // 10))
+        row.kernel_ms = float(statistics.median(timer(*args).results)) * 1e3
+        work, row.unit = _work(spec, tuple(want.shape))
+        row.rate = work / (row.ours_ms / 1e3) / 1e9
+        row.percent_of_peak = 100 * row.rate / (peak[0] if row.unit == "GFLOP/s" else peak[1])
+
+    return row, ours_call, torch_call, timing
 
 
 def bench(

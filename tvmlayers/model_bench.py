@@ -4,11 +4,12 @@ One process, one thread count for every candidate, random weights with randomize
 (so folding them matters), ``eval()`` and ``torch.inference_mode()``.  Correctness comes first: every
 candidate's output is compared with torch eager's, scaled by its magnitude (random-weight logits are
 tiny), and the converted model's leaf outputs are matched against the original's module outputs, so a
-wrong model says where it went wrong; a wrong candidate is reported WRONG and not timed.  Then the
-candidates alternate call by call with nothing in between (what a user's loop sees): median and
-interquartile range per candidate, speedup over torch eager.  The per-layer breakdown times every
-kernel the converted model calls against torch's twin layer twice: settled (each library in its steady
-state, :func:`tvmlayers.benchmark.bench_spec`'s default) and alternating with no settling.
+wrong model says where it went wrong; a wrong candidate is reported WRONG and not timed.  Then each
+candidate is timed two ways in the same rounds (:func:`tvmlayers.benchmark.settled_and_alternating`): in a
+loop of the model alone (what an inference loop sees) and alternating call by call with the other
+candidates: median and interquartile range, speedup over torch eager.  The per-layer breakdown times
+every kernel the converted model calls against torch's twin layer the same two ways: settled, and
+alternating with no settling, as the layers of a model that mixes both libraries run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from typing import TypeVar
 
 import torch
 
-from .benchmark import BenchRow, _first, _interleaved, _median_and_spread, bench_spec, measure_peak, render_table
+from .benchmark import (
+    BenchRow,
+    _first,
+    _median_and_spread,
+    bench_spec_settled_and_alternating,
+    measure_peak,
+    render_table,
+    settled_and_alternating,
+)
 from .convert import convert
 from .formats import REPORT_FORMAT
 from .nn._base import CompiledLayer
@@ -58,10 +67,9 @@ CLASSIFIERS = (
 PEERS = ("eager", "compile", "onnxruntime")
 # float32 tolerance of the largest difference, relative to the reference output's largest magnitude
 TOLERANCE = 1e-3
-# The loop protocol: each candidate runs LOOP_BLOCK timed calls in a row, after LOOP_SETTLE_S of untimed ones
-# (the previous candidate's threads stop spinning, this one's caches hold its own weights), in rounds.
+# The loop protocol: each candidate runs LOOP_BLOCK timed calls in a row after settling (the previous
+# candidate's threads stop spinning, this one's caches hold its own weights), rounds interleaved.
 LOOP_BLOCK = 5
-LOOP_SETTLE_S = 0.02
 INSTALL_HINT = "pip install 'tvmlayers[models]'"
 
 # torchvision's import registers fake kernels for these two ops of its C++ library; its only wheel for
@@ -477,8 +485,9 @@ def bench_model(
             report.conversion = conversion.summary() if conversion is not None else ""
             report.leaves, report.leaves_matched, report.first_unmatched = match_leaves(model, converted, x)
         timed = _check(calls, want, report)
-        loop = _interleaved([calls[n].loop for n in timed], repeat, warmup, block=LOOP_BLOCK, settle_s=LOOP_SETTLE_S)
-        alternating = _interleaved([calls[n].alternating for n in timed], repeat, warmup, block=1, settle_s=0.0)
+        loop, alternating = settled_and_alternating(
+            [calls[n].loop for n in timed], [calls[n].alternating for n in timed], repeat, warmup, LOOP_BLOCK
+        )
         for candidate_name, loop_s, alternating_s in zip(timed, loop, alternating, strict=True):
             candidate = report.candidate(candidate_name)
             candidate.ms, candidate.spread_ms = _median_and_spread(loop_s)
@@ -518,8 +527,9 @@ def _bench_layers(
     for workload in extract_workloads(converted, x):
         spec = workload.spec(target)
         report.layer_counts.append(workload.count)
-        report.layers_settled.append(bench_spec(spec, target, repeat, warmup, peak))
-        report.layers_alternating.append(bench_spec(spec, target, repeat, warmup, peak, settled=False))
+        settled, alternating = bench_spec_settled_and_alternating(spec, target, repeat, warmup, peak)
+        report.layers_settled.append(settled)
+        report.layers_alternating.append(alternating)
 
 
 def _one_line(err: BaseException) -> str:
