@@ -24,6 +24,7 @@ _LAZY = {
     "bench": "tvmlayers.benchmark",
     "precompile": "tvmlayers.aot",
     "PrecompileReport": "tvmlayers.aot",
+    "compile_bundle": "tvmlayers.bundle",
 }
 
 

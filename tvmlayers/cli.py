@@ -1,5 +1,5 @@
 """The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``, ``bench``
-(layers of workload files, or whole models with ``--model``)."""
+(layers of workload files, or whole models with ``--model``), ``compile`` (a bundle for a device)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cache import KernelCache
-from .targets import PRESETS, resolve_target, target_json, target_key
+from .targets import PRESETS, resolve_target, runs_here, target_arch, target_json, target_key, toolchain
 
 
 def _targets(args: argparse.Namespace) -> int:
     for name, (description, _) in PRESETS.items():
         target = resolve_target(name)
-        print(f"{name:8} {target_key(target)}")
-        print(f"         {description}")
+        tools = toolchain(target)
+        installed = "installed" if tools.installed() else f"missing: apt-get install {' '.join(tools.packages)}"
+        where = "runs here" if runs_here(target) else f"{target_arch(target)}: tvmlayers compile, run.py on the device"
+        print(f"{name:10} {target_key(target)}")
+        print(f"           {description}")
+        print(f"           toolchain {tools.compiler} ({installed}); {where}")
         if args.verbose:
-            print(f"         {json.dumps(target_json(target))}")
+            print(f"           {json.dumps(target_json(target))}")
     print("\nAlso accepted: any TVM target tag (e.g. raspberry-pi/4b-aarch64), a target dict, or a tvm.target.Target.")
     return 0
 
@@ -206,6 +210,33 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0 if all(r.correct for r in reports) else 1
 
 
+def _compile_bundle(args: argparse.Namespace) -> int:
+    """``compile``: a bundle of a workload file's or a model file's kernels for a target (tvmlayers.bundle)."""
+    from .bundle import compile_bundle  # noqa: PLC0415 - torch and the model loader only for this command
+
+    if bool(args.workloads) == bool(args.model):
+        raise ValueError("give a workload file or --model, not both")
+    layers, shape = args.workloads, None
+    if args.model:
+        from .model_bench import load_model_file  # noqa: PLC0415
+
+        layers, shape = load_model_file(args.model, _shape(args.input_shape))
+    target = _target_argument(args.target, {})
+    manifest_path = compile_bundle(layers, target, args.output, input_shape=shape, seed=args.seed)
+    manifest = json.loads(manifest_path.read_text())
+    out = manifest_path.parent
+    print(f"{out}: {len(manifest['kernels'])} kernels for {manifest['target_key']} ({manifest['arch']})")
+    print(f"  {'library':24} {'KiB':>7} {'refs KiB':>9}  {'schedule':22} layer")
+    for kernel in manifest["kernels"]:
+        library, references = ((out / kernel[f]).stat().st_size / 1024 for f in ("library", "references"))
+        schedule = kernel["schedule"].get("rule") or f"tuned {kernel['schedule'].get('record', '')[:8]}"
+        print(f"  {kernel['library']:24} {library:7.1f} {references:9.1f}  {schedule:22} {kernel['describe'][:60]}")
+    total = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
+    print(f"  {len(manifest['files'])} files besides manifest.json, {total:.1f} MiB")
+    print(f"On the device: python3 {out.name}/run.py  (needs numpy and TVM's runtime: pip install apache-tvm numpy)")
+    return 0
+
+
 # What a user's mistake raises (a bad argument, a bad file, a missing path): exit status 2, argparse's.
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # What fails while a command runs and is not a bug of ours: a permission, a full disk, TVM's own errors
@@ -266,6 +297,16 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", help="log roots to merge")
     merge.add_argument("--into", required=True, help="the log root to write (its own records take part)")
     merge.set_defaults(run=_logs_merge)
+    compile_ = commands.add_parser(
+        "compile", parents=[debug], help="cross-compile kernels for a device into a bundle that checks itself there"
+    )
+    compile_.add_argument("workloads", nargs="?", help="a workload TOML file (see examples/workloads)")
+    compile_.add_argument("--model", help="a Python file defining model() (and INPUT_SHAPE): compile its layers")
+    compile_.add_argument("--input-shape", help="the model's input shape, e.g. 1,3,224,224")
+    compile_.add_argument("--target", required=True, help="preset (see `tvmlayers targets`), TVM tag or target JSON")
+    compile_.add_argument("-o", "--output", required=True, help="the bundle folder to write (replaced if a bundle)")
+    compile_.add_argument("--seed", type=int, default=0, help="seed of the reference inputs")
+    compile_.set_defaults(run=_compile_bundle)
     bench = commands.add_parser(
         "bench", parents=[debug], help="time layers of workload files, or whole models, against torch"
     )
