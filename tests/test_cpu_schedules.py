@@ -193,6 +193,20 @@ def test_arm_micro_kernels_are_neon_fmas_in_the_innermost_loop(arch: str, kernel
         assert vector > 0 and scalar == 0, f"innermost loops (vector FMAs, scalar FMAs): {counts}"
 
 
+_STACK = re.compile(r"\bsp\b")
+
+
+@pytest.mark.parametrize("kernel", ["conv2d", "linear"])
+def test_armv7_micro_kernels_keep_their_operands_in_registers(kernel: str) -> None:
+    """armv7 has 16 NEON registers: the conv's taps outside its input channels (``taps_outer``) keep the
+    innermost loop free of spills, as the linear's register tile is."""
+    case, _ = MICRO_KERNELS[kernel]
+    module, _ = _compile(_spec(case, ARMV7))
+    loops = [body for body in innermost_loops(module.inspect_source("asm")) if fma_counts("\n".join(body))]
+    spills = [line.strip() for body in loops for line in body if _STACK.search(line.split("@")[0])]
+    assert loops and not spills, spills[:10]
+
+
 def test_per_target_constants() -> None:
     # accumulator registers: 32 on AVX-512 and A64 NEON, 16 on AVX2 and armv7 NEON
     for target, registers, bits in [(AVX512, 32, 512), (ZNVER4, 32, 512), (AVX2, 16, 256), (AARCH64, 32, 128),

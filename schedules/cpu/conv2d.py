@@ -53,11 +53,14 @@ def _column_stride(sch: Schedule) -> int:
     return 1
 
 
-def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_per_row: bool = False) -> Schedule:
+def _schedule(
+    sch: Schedule, limit: int, tunable: bool, vector_inner: str, taps_outer: bool, pad_per_row: bool = False
+) -> Schedule:
     """Row tiles of the output in parallel; inside a tile the reduction runs outermost and the
     ``vector_inner`` dimension ("channel" block or output "column") is the SIMD vector.  A channel tile
-    holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).
-    ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
+    holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).  The reduction
+    runs over input channels, then kernel taps, or with ``taps_outer`` (``CpuConfig.taps_outer``) the other way
+    round.  ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
     input first.  ``sch`` is the unscheduled kernel the rule has inspected."""
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
     out_blocks, _, out_width, block = block_extents(sch, "conv_blocked")[1:5]
@@ -88,7 +91,7 @@ def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_p
     sch.parallel(rows)
     sch.compute_at(conv, xo, preserve_unit_loops=True)
     loops = inner_loops(sch, conv, outer, ["n", "blocks", "y", "column", "channel", "c", "i", "j"])
-    reduction = [loops["c"], loops["i"], loops["j"]]
+    reduction = [loops["i"], loops["j"], loops["c"]] if taps_outer else [loops["c"], loops["i"], loops["j"]]
     if vector_inner == "channel":
         sch.reorder(*reduction, loops["blocks"], loops["column"], loops["channel"])
         sch.unroll(loops["blocks"])
@@ -99,7 +102,7 @@ def _schedule(sch: Schedule, limit: int, tunable: bool, vector_inner: str, pad_p
     # the NCHW write-back stores a tile's columns as one vector per channel (5% on ResNet's conv1, whose
     # short reduction makes the write-back a fifth of the work)
     sch.vectorize(xi)
-    sch.decompose_reduction(conv, loops["c"])
+    sch.decompose_reduction(conv, reduction[0])
     if has_block(sch, "pad") and pad_per_row:
         pad = sch.get_sblock("pad")
         sch.compute_at(pad, rows, preserve_unit_loops=True)
@@ -122,7 +125,7 @@ class CpuConv2dBlocked:
         itemsize = tvm.DataType(input_dtype(func)).bits // 8
         padded = math.prod(block_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
         pad_per_row = padded > config.l2_bytes
-        return _schedule(sch, config.conv_accumulator_limit, tunable, "channel", pad_per_row)
+        return _schedule(sch, config.conv_accumulator_limit, tunable, "channel", config.taps_outer, pad_per_row)
 
 
 class CpuConv2dSpatial:
@@ -131,11 +134,12 @@ class CpuConv2dSpatial:
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
         if op_of(func) != "conv2d":
             return None
-        lanes = cpu_config(target).vector_lanes(input_dtype(func))
+        config = cpu_config(target)
+        lanes = config.vector_lanes(input_dtype(func))
         # A strided depthwise conv reads every other input column: vectors of output columns gather.
         # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
         # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
         sch = Schedule(func)
         strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(sch) > 1
         columns = lanes if strided_depthwise else 4 * lanes  # else four registers' worth
-        return _schedule(sch, columns, tunable, vector_inner="column", pad_per_row=strided_depthwise)
+        return _schedule(sch, columns, tunable, "column", config.taps_outer, pad_per_row=strided_depthwise)
