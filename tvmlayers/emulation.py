@@ -124,6 +124,11 @@ def environment_root() -> Path:
 
 def missing_debian_packages() -> list[str]:
     """The packages of :data:`DEBIAN_PACKAGES` that dpkg does not list as installed."""
+    if shutil.which("dpkg-query") is None:
+        raise RuntimeError(
+            "the ARM environment is set up with Debian's packages (dpkg, apt-get), which this system lacks; "
+            f"install the equivalents of {' '.join(DEBIAN_PACKAGES)} by hand"
+        )
     missing = []
     for package in DEBIAN_PACKAGES:
         query = subprocess.run(
@@ -144,11 +149,14 @@ def install_debian_packages(log: bool = True) -> None:
         raise RuntimeError(f"the ARM toolchain needs Debian packages that are not installed; run as root: {command}")
     if log:
         print(f"tvmlayers: installing {' '.join(missing)}", file=sys.stderr, flush=True)
-    # apt's own lock: wait for another apt/dpkg instead of failing at once
+    # apt's own lock: wait for another apt/dpkg instead of failing at once; ours: one installer of ours at a time
     wait = ["-o", "DPkg::Lock::Timeout=300"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run(["apt-get", *wait, "update", "-q"], env=env)
-    _run(["apt-get", *wait, "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+    with file_lock(environment_root() / "apt.lock"):
+        missing = missing_debian_packages()  # another process may have installed them while we waited
+        if missing:
+            _run(["apt-get", *wait, "update", "-q"], env=env)
+            _run(["apt-get", *wait, "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
 
 
 def _recipe_name() -> str:
