@@ -233,7 +233,13 @@ def _compile_bundle(args: argparse.Namespace) -> int:
         print(f"  {kernel['library']:24} {library:7.1f} {references:9.1f}  {schedule:22} {kernel['describe'][:60]}")
     total = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
     print(f"  {len(manifest['files'])} files besides manifest.json, {total:.1f} MiB")
-    print(f"On the device: python3 {out.name}/run.py  (needs numpy and TVM's runtime: pip install apache-tvm numpy)")
+    if manifest["arch"] == "arm":  # no TVM wheel for 32-bit ARM
+        print("On the device: run.py needs TVM's runtime, which has no armv7 wheel (build it there from source); ")
+        print("here, tvmlayers.bundle_harness.check_bundle checks the kernels with tvmlayers' C harness under qemu-arm")
+    else:
+        print(
+            f"On the device: python3 {out.name}/run.py  (needs numpy and TVM's runtime: pip install apache-tvm numpy)"
+        )
     return 0
 
 
