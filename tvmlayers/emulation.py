@@ -32,16 +32,10 @@ from pathlib import Path
 
 from .formats import canonical_json
 from .locks import file_lock
+from .targets import CROSS_TOOLCHAINS
 
-# Debian packages: qemu-user runs ARM binaries; the cross gcc links our kernels and the C harness.  With
-# --no-install-recommends the libc6-dev-*-cross packages must be named, or linking fails on crti.o.
-DEBIAN_PACKAGES = (
-    "qemu-user",
-    "gcc-aarch64-linux-gnu",
-    "gcc-arm-linux-gnueabihf",
-    "libc6-dev-arm64-cross",
-    "libc6-dev-armhf-cross",
-)
+# Debian packages: qemu-user runs ARM binaries; the cross gcc links our kernels and the C harness
+DEBIAN_PACKAGES = ("qemu-user", *CROSS_TOOLCHAINS["aarch64"][1], *CROSS_TOOLCHAINS["arm"][1])
 
 # the arm64 .debs of the emulated Python (their dependencies, libc6 included, come along)
 _PYTHON_DEBS = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgcc-s1", "ca-certificates")

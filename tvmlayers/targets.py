@@ -119,7 +119,7 @@ class Toolchain:
 
 # architecture -> (compiler, Debian cross packages); the libc6-dev-*-cross package has crti.o, without which
 # linking fails when apt skips recommended packages
-_CROSS = {
+CROSS_TOOLCHAINS = {
     "aarch64": ("aarch64-linux-gnu-gcc", ("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross")),
     "arm": ("arm-linux-gnueabihf-gcc", ("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross")),
     "x86_64": ("x86_64-linux-gnu-gcc", ("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross")),
@@ -130,9 +130,9 @@ def toolchain(target: tvm.target.Target) -> Toolchain:
     """The toolchain that links ``target``'s kernels: Debian's triple-prefixed gcc, native on the same
     architecture (package ``gcc``), a cross compiler otherwise."""
     arch = target_arch(target)
-    if arch not in _CROSS:
-        raise ValueError(f"no toolchain known for {arch} targets: tvmlayers links for {sorted(_CROSS)}")
-    compiler, packages = _CROSS[arch]
+    if arch not in CROSS_TOOLCHAINS:
+        raise ValueError(f"no toolchain known for {arch} targets: tvmlayers links for {sorted(CROSS_TOOLCHAINS)}")
+    compiler, packages = CROSS_TOOLCHAINS[arch]
     return Toolchain(compiler, ("gcc",) if arch == host_arch() else packages)
 
 
