@@ -51,9 +51,9 @@ class LayerCall:
 
 
 def model_layers(model: torch.nn.Module, input_shape: Sequence[int], target: TargetLike) -> list[LayerCall]:
-    """Every distinct kernel of ``tl.convert(model)`` on an input of ``input_shape``, for ``target``, with the
-    converted layers' weights (BatchNorm folded in).  The forward runs on fake tensors: nothing is computed or
-    compiled here, so any target works."""
+    """Every distinct kernel of ``tl.convert(model)`` (``model`` is put in eval mode: bundles are for inference)
+    on an input of ``input_shape``, for ``target``, with the converted layers' weights (BatchNorm folded in).
+    The forward runs on fake tensors: nothing is computed or compiled here, so any target works."""
     target = resolve_target(target)
     converted = convert(model.eval(), target=target)
     layers: dict[KernelSpec, torch.nn.Module] = {}
@@ -81,7 +81,12 @@ def _weights(module: torch.nn.Module | None) -> tuple[torch.Tensor | None, torch
     return plain[0], plain[1]
 
 
-def _layer_calls(layers: str | Path | Sequence[Workload] | torch.nn.Module, target: tvm.target.Target, input_shape):
+def _layer_calls(
+    layers: str | Path | Sequence[Workload] | torch.nn.Module,
+    target: tvm.target.Target,
+    input_shape: Sequence[int] | None,
+) -> tuple[list[LayerCall], str]:
+    """The distinct kernels to compile, and what they came from (the manifest's ``source``)."""
     if isinstance(layers, torch.nn.Module):
         if input_shape is None:
             raise ValueError("compiling a model needs its input shape (input_shape=, --input-shape 1,3,224,224)")
