@@ -15,7 +15,7 @@ needs, ``dpkg-deb -x`` unpacks them into a sysroot, and pip installs the aarch64
 a temporary folder and renamed into place when complete, under a file lock, so concurrent callers wait for one
 build and never see half of one.  It lives in ``TVMLAYERS_ARM_ENV`` (default ``$XDG_CACHE_HOME/tvmlayers/arm-env``
 or ``~/.cache/tvmlayers/arm-env``), one folder per recipe: changing the recipe below builds a new one.
-About 75 s and 450 MB from a clean machine.  Emulated timings are meaningless; only results are checked.
+20 to 75 s (downloads) and 420 MB from a clean machine.  Emulated timings are meaningless; only results are checked.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def ensure_arm_environment(log: bool = True) -> ArmEnvironment:
 def _build_environment(build: Path, log: bool) -> None:
     if log:
         print(
-            f"tvmlayers: assembling an aarch64 Python in {build.parent} (about 75 s, once)", file=sys.stderr, flush=True
+            f"tvmlayers: assembling an aarch64 Python in {build.parent} (20 to 75 s, once)", file=sys.stderr, flush=True
         )
     debs = _download_python_debs(build / "apt")
     sysroot = build / "sysroot"
