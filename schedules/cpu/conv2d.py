@@ -33,10 +33,18 @@ def _channel_register_tile(out_width: int, out_blocks: int, limit: int) -> tuple
     Measured on AVX-512 (ResNet-18 and VGG shapes): 7 columns x 2 vectors ran 1.3-2x faster than the
     28 x 1 tile that fills the register file, and 7 beat 8 columns: long runs of adjacent broadcast
     inputs get turned into vector loads plus shuffles, which compete with the FMAs for a port.
+    Where two vectors leave a tile of fewer than 4 columns (a 7-wide row under AVX2's limit of 8: one
+    column, two accumulators), one vector of more columns keeps more FMA chains busy.
     """
+
+    def columns(vectors: int) -> int:
+        limit_columns = limit // vectors
+        return 7 if out_width % 7 == 0 and limit_columns >= 7 else _row_tile(out_width, limit_columns)
+
     vectors = largest_divisor(out_blocks, 2)
-    columns = limit // vectors
-    return (7 if out_width % 7 == 0 and columns >= 7 else _row_tile(out_width, columns)), vectors
+    if vectors == 2 and columns(2) < 4 and columns(1) > 2 * columns(2):
+        vectors = 1
+    return columns(vectors), vectors
 
 
 def _column_stride(sch: Schedule) -> int:
