@@ -11,7 +11,16 @@ import torch.nn.functional as F
 
 import tvmlayers as tl
 from tvmlayers.cli import main
-from tvmlayers.targets import PRESETS, host_arch, resolve_target, runs_here, target_arch, target_key, toolchain
+from tvmlayers.targets import (
+    PRESETS,
+    host_arch,
+    missing_features,
+    resolve_target,
+    runs_here,
+    target_arch,
+    target_key,
+    toolchain,
+)
 
 # preset -> (mtriple, mcpu or None, mattr it must name, num-cores or None)
 EXPECTED = {
@@ -106,3 +115,22 @@ def test_modules_for_a_target_that_cannot_run_here_point_to_tvmlayers_compile():
     here = tl.Conv2d(3, 4, 3)
     here.load_state_dict(conv.state_dict())
     torch.testing.assert_close(here(x), F.conv2d(x, conv.weight.detach(), conv.bias.detach()))
+
+
+def _x86_target_this_cpu_cannot_run() -> dict:
+    """This CPU's own target plus an instruction set extension it lacks (which depends on the machine)."""
+    host = dict(PRESETS["host"][1]())
+    for extension in ("amx-fp16", "amx-complex", "avx512fp16", "amx-tile", "avx512vp2intersect"):
+        target = {**host, "mattr": [f"+{extension}"]}
+        if missing_features(resolve_target(target)):
+            return target
+    pytest.fail("this CPU has every extension tried: add a newer one")
+
+
+@pytest.mark.skipif(host_arch() != "x86_64", reason="x86 instruction set extensions")
+def test_an_x86_target_with_an_extension_this_cpu_lacks_does_not_run_here():
+    target = _x86_target_this_cpu_cannot_run()
+    missing = missing_features(resolve_target(target))
+    assert not runs_here(resolve_target(target)) and runs_here(resolve_target("host"))
+    with pytest.raises(RuntimeError, match=f"without {missing[0]}.*tvmlayers compile"):
+        tl.ReLU(target=target)(torch.randn(4))

@@ -23,7 +23,7 @@ from .cache import KernelCache
 from .formats import kernel_key
 from .kernel import Kernel
 from .spec import KernelSpec
-from .targets import host_arch, runs_here, target_arch, target_key
+from .targets import host_arch, missing_features, runs_here, target_arch, target_key
 from .tuning.apply import RecordError, compile_record
 from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .tuning.untuned import note_untuned
@@ -139,7 +139,8 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     if not runs_here(spec.target):  # loading it here would fail inside dlopen, or worse
         raise RuntimeError(
             f"tvmlayers: {spec.describe()} is for target {target_key(spec.target)} ({target_arch(spec.target)}), "
-            f"which cannot run in this process (this machine is {host_arch()}): compile its "
+            f"which cannot run in this process (this machine is {host_arch()}"
+            f"{_lacking(spec.target)}): compile its "
             "kernels for the device with `tvmlayers compile --target ... -o DIR` (or tl.compile_bundle) and run "
             "the bundle's run.py there; leave target= out to run on this machine"
         )
@@ -149,6 +150,11 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
         if kernel is None:
             kernel = _memo[memo_key] = _build(spec, kernel_cache)
     return kernel
+
+
+def _lacking(target: tvm.target.Target) -> str:
+    missing = missing_features(target)
+    return f" without {', '.join(missing)}" if missing else ""
 
 
 def is_cached(spec: KernelSpec, cache_dir: Path | str | None = None) -> bool:

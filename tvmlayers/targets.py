@@ -90,9 +90,29 @@ def target_arch(target: tvm.target.Target) -> str:
 
 
 def runs_here(target: tvm.target.Target) -> bool:
-    """Whether this process can load and call kernels compiled for ``target`` (same architecture as this host).
-    Kernels for other targets are checked where they run: a board, an RPC device, or qemu in tests."""
-    return target_arch(target) == host_arch()
+    """Whether this process can load and call kernels compiled for ``target``: the same architecture as this
+    host, and no instruction set extension this CPU lacks (``x86-avx512`` on an AVX2 machine would die on an
+    illegal instruction).  Kernels for other targets are checked where they run: a board, an RPC device, or
+    qemu in tests."""
+    return target_arch(target) == host_arch() and not missing_features(target)
+
+
+# LLVM's x86 feature names that are instruction set extensions, as opposed to its tuning hints
+# ("fast-gather", "slow-3ops-lea", ...), which say how a CPU performs, not what it can execute
+_X86_ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "bmi", "amx", "vaes", "vpclmul", "gfni", "sha", "popcnt")
+
+
+def missing_features(target: tvm.target.Target) -> list[str]:
+    """The x86 instruction set extensions ``target``'s code may use that this CPU lacks (empty elsewhere)."""
+    if target.kind.name != "llvm" or target_arch(target) != "x86_64" or host_arch() != "x86_64":
+        return []
+    own = _x86_isa(tvm.target.codegen.llvm_get_cpu_features(target))
+    host = _x86_isa(tvm.target.codegen.llvm_get_cpu_features(_resolve_name("host")))
+    return sorted(own - host)
+
+
+def _x86_isa(features: Any) -> set[str]:
+    return {str(f) for f in features if str(f).startswith(_X86_ISA_PREFIXES)}
 
 
 @dataclass(frozen=True)
