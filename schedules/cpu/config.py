@@ -37,6 +37,10 @@ class CpuConfig:
     # (llvm-mca, Cortex-A72, conv 64->64 3x3: 0.35 vector FMAs per cycle with 117 stack accesses per
     # iteration; taps outside: 0.79, none).  AArch64's 32 registers absorb it (0.98 against 0.95).
     taps_outer: bool = False
+    # SIMD registers of output columns in a depthwise (row-vectorized) conv tile.  Four on x86 and AArch64;
+    # on armv7 four registers plus the 3x3 taps' inputs spilled (llvm-mca, Cortex-A72, depthwise 3x3 at
+    # 56x56: 0.38 vector FMAs per cycle, 37 stack accesses per iteration; two registers: 0.66, 3).
+    row_vectors: int = 4
 
     def vector_lanes(self, dtype: str) -> int:
         """Elements of ``dtype`` in one SIMD register; 1 where the SIMD unit does not compute ``dtype``."""
@@ -85,7 +89,7 @@ def _arm_config(target: tvm.target.Target, isa: str) -> CpuConfig:
     if isa == "aarch64":  # A64 NEON: 32 registers of 128 bits, float32 and float64 lanes
         return CpuConfig(isa, 128, ("float32", "float64"), 32, l2)
     # armv7 NEON: 16 quad registers, float32 only (float64 runs on the scalar VFP unit)
-    return CpuConfig(isa, 128, ("float32",), 16, l2, taps_outer=True)
+    return CpuConfig(isa, 128, ("float32",), 16, l2, taps_outer=True, row_vectors=2)
 
 
 _configs: dict[str, CpuConfig | None] = {}  # by the target's JSON: LLVM's feature queries take milliseconds

@@ -149,5 +149,5 @@ class CpuConv2dSpatial:
         # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
         sch = Schedule(func)
         strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(sch) > 1
-        columns = lanes if strided_depthwise else 4 * lanes  # else four registers' worth
+        columns = lanes if strided_depthwise else config.row_vectors * lanes
         return _schedule(sch, columns, tunable, "column", config.taps_outer, pad_per_row=strided_depthwise)
