@@ -102,11 +102,11 @@ def _worker_main() -> None:
         answers.flush()
 
 
-class _Bar:
+class BuildProgress:
     """One line on a terminal, as the tuning progress bar: counts, the kernel just built, elapsed, ETA; silent
-    when the stream is not a terminal or ``quiet``."""
+    when the stream is not a terminal or ``quiet``.  ``workers``: how many build at once, when several do."""
 
-    def __init__(self, total: int, workers: int, quiet: bool) -> None:
+    def __init__(self, total: int, workers: int = 1, quiet: bool = False) -> None:
         self.total, self.workers, self.done = total, workers, 0
         self.stream = sys.stderr
         self.show = not quiet and self.stream.isatty()
@@ -122,8 +122,9 @@ class _Bar:
         width = 24
         filled = width * self.done // max(self.total, 1)
         last = f" | {spec.op} {'x'.join(map(str, spec.input_shape))}" if spec is not None else ""
+        workers = f", {self.workers} workers" if self.workers > 1 else ""
         self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} kernels, {self.workers} workers"
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} kernels{workers}"
             f"{last} | elapsed {_clock(elapsed)}, ETA {_clock(eta)}\x1b[K"
         )
         self.stream.flush()
@@ -162,7 +163,7 @@ def precompile(
 def _build_all(
     specs: list[KernelSpec], workers: int, progress: bool, cache_dir: Path | str | None
 ) -> list[BuildRecord]:
-    bar = _Bar(len(specs), workers, quiet=not progress)
+    bar = BuildProgress(len(specs), workers, quiet=not progress)
     built: list[BuildRecord] = []
     failed: list[str] = []
     queue = list(reversed(specs))

@@ -28,15 +28,15 @@ import torch
 import tvm
 
 from . import __version__, bundle_run
-from .aot import _Bar, needed_specs
+from .aot import BuildProgress, needed_specs
 from .build import compile_library
 from .convert import convert
 from .formats import BUNDLE_FORMAT
 from .spec import KernelSpec
 from .targets import PRESETS, TargetLike, resolve_target, target_arch, target_json, target_key, toolchain
-from .tuning.extract import _kind, _layer_spec
+from .tuning.extract import recording_layer_calls
 from .tuning.workloads import Workload, load_workloads
-from .verify import _TOLERANCE, kernel_inputs, random_inputs, torch_reference
+from .verify import TOLERANCE, kernel_inputs, random_inputs, torch_reference
 
 __all__ = ["compile_bundle", "model_layers"]
 
@@ -56,19 +56,11 @@ def model_layers(model: torch.nn.Module, input_shape: Sequence[int], target: Tar
     The forward runs on fake tensors: nothing is computed or compiled here, so any target works."""
     target = resolve_target(target)
     converted = convert(model.eval(), target=target)
-    layers: dict[KernelSpec, torch.nn.Module] = {}
-
-    def record(module: torch.nn.Module, args: tuple) -> None:
-        spec = _layer_spec(module, args, target)
-        if spec is not None:
-            layers.setdefault(spec, module)
-
-    hooks = [m.register_forward_pre_hook(record) for m in converted.modules() if _kind(m) is not None]
-    try:
+    with recording_layer_calls(converted, target) as calls:
         specs = needed_specs(converted, torch.zeros(tuple(input_shape)))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    layers: dict[KernelSpec, torch.nn.Module] = {}
+    for spec, module in calls:
+        layers.setdefault(spec, module)
     return [LayerCall(spec, *_weights(layers.get(spec))) for spec in specs]
 
 
@@ -136,7 +128,7 @@ def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np
         "symbol": fields["symbol"],
         "library": f"kernels/{name}.so",
         "references": f"kernels/{name}.npz",
-        "tolerance": _TOLERANCE[spec.dtype],
+        "tolerance": TOLERANCE[spec.dtype],
     }
 
 
@@ -166,7 +158,7 @@ def compile_bundle(
     try:
         (staging / "kernels").mkdir()
         kernels = []
-        bar = _Bar(len(calls), 1, quiet=not progress)
+        bar = BuildProgress(len(calls), quiet=not progress)
         for index, call in enumerate(calls):
             name = f"{index:02d}-{call.spec.op}"
             fields = compile_library(call.spec, staging / "kernels" / f"{name}.so", fcompile)

@@ -13,7 +13,7 @@ from .ops.relu import spec_activation
 from .spec import KernelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def random_inputs(
@@ -106,7 +106,7 @@ def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], se
             error = f"{mismatched} of {got.numel()} indices differ"
         else:
             difference = (got - want).abs().max().item() if got.numel() else 0.0
-            limit = _TOLERANCE[spec.dtype] * (1 + want.abs().max().item() if want.numel() else 1)
+            limit = TOLERANCE[spec.dtype] * (1 + want.abs().max().item() if want.numel() else 1)
             mismatched = int(not difference <= limit)  # NaN differences count as mismatches
             error = f"max abs error {difference:.3g} > {limit:.3g}"
         if mismatched:

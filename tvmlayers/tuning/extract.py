@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from ..targets import resolve_target
 from .workloads import Workload
 
 
-def _kind(module: torch.nn.Module) -> str | None:
+def layer_kind(module: torch.nn.Module) -> str | None:
     """The op a torch or tvmlayers module computes (both kinds carry torch's attributes)."""
     kinds = {
         "conv2d": (torch.nn.Conv2d, nn.Conv2d),
@@ -26,12 +28,12 @@ def _kind(module: torch.nn.Module) -> str | None:
     return next((op for op, classes in kinds.items() if isinstance(module, classes)), None)
 
 
-def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target) -> KernelSpec | None:
+def layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target) -> KernelSpec | None:
     """The spec of the call ``module(*args)``: a fused layer's (relu or relu6, residual) as such, since it runs one
     kernel."""
     x = args[0]
     dtype = DTYPE_NAMES.get(x.dtype)
-    kind = _kind(module)
+    kind = layer_kind(module)
     if dtype is None or kind is None:
         return None
     shape = tuple(x.shape)
@@ -72,24 +74,31 @@ def _layer_spec(module: torch.nn.Module, args: tuple, target: tvm.target.Target)
     return spec
 
 
+@contextlib.contextmanager
+def recording_layer_calls(model: torch.nn.Module, target: tvm.target.Target) -> Iterator[list[tuple[KernelSpec, Any]]]:
+    """While the block runs, every supported layer call of ``model`` is appended to the yielded list, in
+    call order: (its spec for ``target``, the module)."""
+    calls: list[tuple[KernelSpec, Any]] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        spec = layer_spec(module, args, target)
+        if spec is not None:
+            calls.append((spec, module))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if layer_kind(m) is not None]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def extract_workloads(model: torch.nn.Module, *example_inputs: Any) -> list[Workload]:
     """Run ``model`` once on ``example_inputs`` and record every supported layer call, with counts.
 
     Works on torch models and on ``tvmlayers.convert``-ed ones.
     """
-    host = resolve_target("host")
-    seen: Counter[KernelSpec] = Counter()
-
-    def record(module: torch.nn.Module, args: tuple) -> None:
-        spec = _layer_spec(module, args, host)
-        if spec is not None:
-            seen[spec] += 1
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _kind(m) is not None]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with recording_layer_calls(model, resolve_target("host")) as calls, torch.no_grad():
+        model(*example_inputs)
+    seen = Counter(spec for spec, _ in calls)
     return [Workload.from_spec(spec, count) for spec, count in seen.items()]
