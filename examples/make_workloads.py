@@ -23,6 +23,7 @@ MODELS = {
     "vgg_block": (("conv2d", "max_pool2d", "relu"), True),
     "bert_ffn": (("linear",), False),
     "small_cnn": (("conv2d", "max_pool2d", "linear", "relu"), False),
+    "odd_channels": (("conv2d",), False),
 }
 
 
