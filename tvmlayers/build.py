@@ -26,7 +26,9 @@ from .spec import KernelSpec
 from .targets import host_arch, missing_features, runs_here, target_arch, target_key
 from .tuning.apply import RecordError, compile_record
 from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
+from .tuning.travel import borrowed_record, untried
 from .tuning.untuned import note_untuned
+from .tuning.verdicts import Verdicts
 
 _memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
@@ -46,8 +48,12 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningRecord] | None:
-    """The fastest non-rejected record for this workload and target, searching the user's logs first."""
+def _tuned_record(
+    spec: KernelSpec, layout: dict, trials: bool = False
+) -> tuple[TuningLog | Verdicts, TuningRecord] | None:
+    """The fastest non-rejected record for this workload and target, searching the user's logs first; else
+    a record of another CPU of the family or a neighbour's, adopted on this machine (``trials``: trying
+    those not yet judged here, as the first build of a kernel does; see :mod:`tvmlayers.tuning.travel`)."""
     global _warned_logs
     hash_ = workload_hash(ops.prim_func(spec, layout))
     try:
@@ -56,6 +62,7 @@ def _tuned_record(spec: KernelSpec, layout: dict) -> tuple[TuningLog, TuningReco
             record = log.best(hash_)
             if record is not None:
                 return log, record
+        return borrowed_record(spec, layout, hash_, trials)
     except Exception as err:  # noqa: BLE001 - a call never fails because of a tuning log
         if not _warned_logs:
             _warned_logs = True
@@ -162,6 +169,8 @@ def is_cached(spec: KernelSpec, cache_dir: Path | str | None = None) -> bool:
     (``tvmlayers.precompile`` sends only the others to its workers)."""
     layout = schedules.weight_layout(spec)
     tuned = _tuned_record(spec, layout)
+    if tuned is None and untried(spec, workload_hash(ops.prim_func(spec, layout))):
+        return False  # its first build tries a record of another CPU or a neighbour's
     key, expect = _cache_key(spec, layout, tuned[1] if tuned else None)
     return KernelCache(cache_dir).load(key, expect) is not None
 
@@ -178,7 +187,7 @@ def _cache_key(spec: KernelSpec, layout: dict, record: TuningRecord | None) -> t
 def _build(spec: KernelSpec, kernel_cache: KernelCache) -> Kernel:
     layout = schedules.weight_layout(spec)
     while True:
-        tuned = _tuned_record(spec, layout)
+        tuned = _tuned_record(spec, layout, trials=True)
         record = tuned[1] if tuned else None
         key, expect = _cache_key(spec, layout, record)
         try:

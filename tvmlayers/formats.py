@@ -57,6 +57,21 @@ before it is replayed, compiled, merged or handed to MetaSchedule.  A refused re
 line (not JSON, nested too deep, over 8 MiB, wrong shape, bad target), is reported once per process with
 its file and line, and skipped; a malformed ``tvmlayers.json`` or field reads as empty.
 
+Verdicts on records that travel (``TRAVEL_FORMAT``, :mod:`tvmlayers.tuning.verdicts`), in the user's log root
+only, next to this target's records (``<log root>/<target key>/travel.json``)::
+
+    {"format": TRAVEL_FORMAT, "target": <target key>,
+     "verdicts": {<workload hash>: {<candidate>: {
+         "candidate": "adopt:<source log's target key>:<record id>" | "neighbour:<same>",
+         "adopted": bool, "speedup": <default's time / candidate's, here; 0 if not timed>,
+         "reason": <why declined, "" if adopted>, "source_cpu": <e.g. emeraldrapids>,
+         "workload": <KernelSpec.describe()>, "neighbour": <the tuned workload re-fitted from, or "">,
+         "code": "<code fingerprint>/tvm-<version>" (a verdict of other code is stale: tried again),
+         "trace": <a winning neighbour's re-fitted trace, as in a record; allow-listed when read>}}}}
+
+Rewritten whole (temporary file, rename) under the log's ``.lock``; a malformed file or entry is reported
+once per process and ignored.
+
 Bundles (``BUNDLE_FORMAT``), written by ``tvmlayers compile`` / :func:`tvmlayers.bundle.compile_bundle` for one
 target, checked and timed on the device by their own ``run.py`` (Python, numpy and TVM's runtime only)::
 
@@ -99,6 +114,7 @@ TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
 REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of the model alone and alternating calls
 BUNDLE_FORMAT = 1
+TRAVEL_FORMAT = 1
 
 
 def canonical_json(obj: Any) -> str:

@@ -1,0 +1,78 @@
+"""A candidate schedule against the default one on this machine: built for this target, checked against
+torch, then both kernels timed in turn (``time_evaluator`` samples, alternating; the median of the ratios).
+
+Short by design, since it may run inside a layer's first call: about ``TIMING_BUDGET_S`` of timing per
+candidate, samples of at least ``SAMPLE_S`` each, between ``MIN_ROUNDS`` and ``MAX_ROUNDS`` pairs of them.
+A candidate must beat the default by ``MIN_SPEEDUP``: a tie is noise, and the default is the schedule every
+other layer of the machine runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from .. import ops, schedules
+from ..spec import KernelSpec
+from .apply import RecordError, compile_record
+from .database import TuningRecord
+
+MIN_SPEEDUP = 1.05
+SAMPLE_S = 0.004
+TIMING_BUDGET_S = 0.6
+MIN_ROUNDS, MAX_ROUNDS = 3, 15
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    speedup: float  # the default's median time over the candidate's; 0.0 when it was not timed
+    reason: str  # why it is declined; "" when it wins
+
+    @property
+    def wins(self) -> bool:
+        return not self.reason
+
+
+def try_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> TrialResult:
+    """Compile ``record`` for ``spec`` (its target is this machine's), check it against torch, time it against
+    the default schedule."""
+    try:
+        candidate = compile_record(spec, layout, record)
+    except RecordError as wrong:
+        return TrialResult(0.0, str(wrong))
+    sch, _ = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)
+    default = tvm.compile(sch.mod, target=spec.target)
+    speedup = paired_speedup(spec, layout, default, candidate)
+    if speedup < MIN_SPEEDUP:
+        return TrialResult(speedup, f"{speedup:.2f}x of the default here, not the {MIN_SPEEDUP}x it must beat it by")
+    return TrialResult(speedup, "")
+
+
+def paired_speedup(
+    spec: KernelSpec, layout: dict, baseline: tvm.runtime.Executable, candidate: tvm.runtime.Executable
+) -> float:
+    """How many times faster ``candidate`` runs than ``baseline``: the median over rounds of the ratio of
+    their times, each round sampling both in turn (the order alternating), on the same random inputs.  A
+    ratio of two samples taken a moment apart cancels most of a shared machine's changing load."""
+    # random data: uninitialized memory can hold denormals, which slow floating point arithmetic many times
+    rng = np.random.default_rng(0)
+    args = [
+        tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)))
+        for p in ops.prim_func(spec, layout).params
+    ]
+    device = tvm.cpu()
+    modules = [executable.jit() for executable in (baseline, candidate)]
+    once = min(module.time_evaluator(ops.SYMBOL, device, number=1, repeat=2)(*args).mean for module in modules)
+    number = max(1, round(SAMPLE_S / max(once, 1e-9)))
+    timers = [module.time_evaluator(ops.SYMBOL, device, number=number, repeat=1) for module in modules]
+    ratios = []
+    deadline = time.monotonic() + TIMING_BUDGET_S
+    while len(ratios) < MIN_ROUNDS or (len(ratios) < MAX_ROUNDS and time.monotonic() < deadline):
+        order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
+        seconds = {index: timers[index](*args).mean for index in order}
+        ratios.append(seconds[0] / seconds[1])
+    return float(statistics.median(ratios))
