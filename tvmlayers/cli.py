@@ -1,10 +1,11 @@
-"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|merge``, ``bench``
+"""The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|adopt|merge``, ``bench``
 (layers of workload files, or whole models with ``--model``), ``compile`` (a bundle for a device)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,20 +111,79 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _logs_ls(args: argparse.Namespace) -> int:
     from .tuning.database import RECORD_FILE, TuningLog, log_roots  # noqa: PLC0415
+    from .tuning.family import family_key, log_family  # noqa: PLC0415
+    from .tuning.verdicts import Verdicts  # noqa: PLC0415
 
+    host = resolve_target("host")
+    here, family = target_key(host), family_key(host)
+    verdicts = Verdicts.for_target(host, args.log_dir)
+    print(f"this machine: {here} (family {family}); its verdicts on other records: {verdicts.path}")
     for root in log_roots(args.log_dir):
         directories = sorted(d for d in root.iterdir() if (d / RECORD_FILE).exists()) if root.is_dir() else []
         print(f"{root}: {len(directories)} target(s)")
         for directory in directories:
             log = TuningLog(directory)
             specs = log.workloads()
-            print(f"  {directory.name}")
+            exact, adoptable = log.key == here, family is not None and log_family(log) == family
+            if exact:
+                print(f"  {log.key}: this machine's own records, used as they are (exact)")
+            elif adoptable:
+                print(f"  {log.key}: same family, a record serves here once adopted (checked, faster than the default)")
+            else:
+                print(f"  {log.key}: another family ({log_family(log) or 'unknown'}), not used here")
             for shash in sorted(log.all_records(), key=lambda h: str(specs.get(h))):
                 spec = specs.get(shash)
                 name = _describe_spec(spec) if spec else f"workload {shash}"
                 best = log.best(shash)
-                best_text = f"{best.seconds * 1e6:9.1f} us" if best else "   (all rejected)"
-                print(f"    {name[:72]:72} {log.trials(shash):6d} trials  best {best_text}")
+                if best is None:
+                    best_text, how = "all rejected", "none"
+                else:
+                    best_text = f"best {best.seconds * 1e6:.1f} us"
+                    how = "exact" if exact else _adoption(verdicts.get(shash, f"adopt:{log.key}:{best.id}"))
+                    how = how if exact or adoptable else "none"
+                print(f"    {name}  [{log.trials(shash)} trials, {best_text}; here: {how}]")
+    neighbours = [v for vs in verdicts.all().values() for v in vs.values() if v.kind == "neighbour"]
+    print(f"re-fitted neighbours tried on this machine: {sum(v.adopted for v in neighbours)} of {len(neighbours)} won")
+    for verdict in sorted(neighbours, key=lambda v: v.workload):
+        outcome = f"neighbour, {verdict.speedup:.2f}x" if verdict.adopted else f"declined: {verdict.reason}"
+        print(f"    {verdict.workload}  [from {verdict.neighbour} ({verdict.source_cpu}); {outcome}]")
+    return 0
+
+
+def _adoption(verdict: object) -> str:
+    """What a same-family record's verdict says, in a few words."""
+    if verdict is None:
+        return "not tried yet (tvmlayers logs adopt)"
+    return f"adopted, {verdict.speedup:.2f}x" if verdict.adopted else f"declined: {verdict.reason}"
+
+
+def _logs_adopt(args: argparse.Namespace) -> int:
+    """``logs adopt``: every record of the family's logs (or of ``--from``) tried on this machine."""
+    from .aot import BuildProgress  # noqa: PLC0415
+    from .tuning.travel import adopt_logs  # noqa: PLC0415
+    from .tuning.verdicts import Verdicts  # noqa: PLC0415
+
+    host = resolve_target("host")
+    progress: list[BuildProgress] = []
+    results = adopt_logs(
+        host,
+        args.source,
+        args.log_dir,
+        on_start=lambda total: progress.append(BuildProgress(total)),
+        on_done=lambda spec, verdict: progress[0].update(spec),
+    )
+    if progress:
+        progress[0].close()
+    for spec, verdict in results:
+        kind = "adopted" if verdict.kind == "adopt" else "re-fitted"
+        outcome = f"{kind}, {verdict.speedup:.2f}x" if verdict.adopted else f"declined: {verdict.reason}"
+        print(f"  {spec.describe()}  [{outcome}]")
+    won = [v.speedup for _, v in results if v.adopted]
+    geomean = f" (geomean {statistics.geometric_mean(won):.2f}x over the default)" if won else ""
+    print(
+        f"{len(won)} of {len(results)} record(s) serve {target_key(host)}{geomean}; "
+        f"remembered in {Verdicts.for_target(host, args.log_dir).path}"
+    )
     return 0
 
 
@@ -292,11 +352,19 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--rpc-key", help="the device key registered with the tracker")
     tune.add_argument("--timeout", type=float, default=60.0, help="seconds per build and per run")
     tune.set_defaults(run=_tune)
-    logs = commands.add_parser("logs", help="inspect or merge tuning logs")
+    logs = commands.add_parser("logs", help="inspect, adopt or merge tuning logs")
     logs_commands = logs.add_subparsers(dest="logs_command", required=True)
     ls = logs_commands.add_parser("ls", parents=[debug], help="what is tuned, for which target")
     ls.add_argument("--log-dir", help="user log root to list before the shipped logs")
     ls.set_defaults(run=_logs_ls)
+    adopt = logs_commands.add_parser(
+        "adopt",
+        parents=[debug],
+        help="try the records of other CPUs of this machine's family here, and keep the winners",
+    )
+    adopt.add_argument("--from", dest="source", help="only the log of this target key (see `tvmlayers logs ls`)")
+    adopt.add_argument("--log-dir", help="user log root (default: $TVMLAYERS_TUNING_LOGS or ~/.local/share/...)")
+    adopt.set_defaults(run=_logs_adopt)
     merge = logs_commands.add_parser(
         "merge", parents=[debug], help="merge log roots, keeping the best record per workload"
     )
