@@ -141,7 +141,7 @@ def _logs_ls(args: argparse.Namespace) -> int:
                     best_text = f"best {best.seconds * 1e6:.1f} us"
                     how = "exact" if exact else _adoption(verdicts.get(shash, f"adopt:{log.key}:{best.id}"))
                     how = how if exact or adoptable else "none"
-                print(f"    {name}  [{log.trials(shash)} trials, {best_text}; here: {how}]")
+                print(f"    {name}  {log.trials(shash)} trials, {best_text}; here: {how}")
     neighbours = [v for vs in verdicts.all().values() for v in vs.values() if v.kind == "neighbour"]
     print(f"re-fitted neighbours tried on this machine: {sum(v.adopted for v in neighbours)} of {len(neighbours)} won")
     for verdict in sorted(neighbours, key=lambda v: v.workload):
