@@ -62,6 +62,8 @@ LAYERS = [
     _conv((1, 4, 8, 8), (8, 4, 3, 3), mode="replicate"),
     _conv((1, 4, 8, 8), (8, 4, 3, 3), mode="circular"),
     _conv((1, 8, 8, 8), (5, 8, 1, 1), padding=(0, 0, 0, 0)),  # 1x1, output channels not a SIMD multiple
+    _conv((1, 3, 9, 11), (7, 3, 3, 3), stride=(2, 1), relu=True),  # odd channels: the last block zero-padded
+    _conv((1, 4, 7, 7), (5, 4, 3, 3), residual=True) + ("float64",),  # and of 2 float64 lanes on AArch64
     _conv((1, 8, 8, 8), (8, 8, 3, 3), relu6=True),
     _conv((1, 8, 8, 8), (8, 8, 3, 3), residual=True, relu=True),
     _conv((1, 4, 7, 7), (8, 4, 3, 3), padding=(1, 1, 1, 1), relu=True) + ("float64",),

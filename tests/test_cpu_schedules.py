@@ -68,7 +68,8 @@ CASES = [
     ("conv_relu6", _conv((1, 16, 8, 8), 16, relu6=True), "cpu.conv2d_blocked"),
     ("conv_residual_relu", _conv((1, 16, 8, 8), 16, residual=True, relu=True), "cpu.conv2d_blocked"),
     ("conv_padded_beyond_l2", _conv((1, 16, 160, 160), 16), "cpu.conv2d_blocked"),
-    ("conv_odd_channels", _conv((1, 3, 11, 13), 7), "cpu.conv2d_spatial"),
+    ("conv_odd_channels", _conv((1, 3, 11, 13), 7), "cpu.conv2d_blocked"),  # one block, zero-padded
+    ("conv_groups_odd_channels", _conv((1, 6, 11, 13), 14, groups=2), "cpu.conv2d_spatial"),
     ("depthwise", _conv((1, 16, 14, 14), 16, groups=16), "cpu.conv2d_spatial"),
     ("depthwise_strided", _conv((1, 16, 15, 15), 16, stride=2, groups=16), "cpu.conv2d_spatial"),
     ("depthwise_multiplier_residual", _conv((1, 8, 10, 10), 16, groups=8, residual=True), "cpu.conv2d_spatial"),
@@ -179,6 +180,7 @@ def test_the_loop_finder_sees_scalar_and_vector_fmas() -> None:
 # The report's kernels: ResNet's conv 64->64 3x3 at 56x56, MobileNet's depthwise 3x3, ResNet's classifier
 MICRO_KERNELS = {
     "conv2d": (_conv((1, 64, 56, 56), 64), CpuConv2dBlocked.name),
+    "conv2d_odd_channels": (_conv((1, 16, 28, 28), 33), CpuConv2dBlocked.name),  # the last block zero-padded
     "depthwise": (_conv((1, 32, 56, 56), 32, groups=32), CpuConv2dSpatial.name),
     "linear": (_linear((1, 512), 1000), CpuLinearBlocked.name),
 }
@@ -247,6 +249,10 @@ def test_per_target_constants() -> None:
     assert cpu_config(AARCH64).vector_lanes("float64") == 2
     assert cpu_config(ARMV7).vector_lanes("float64") == 1  # armv7 NEON has no float64 lanes
     assert cpu_config(AARCH64).l2_bytes == 1 << 20  # the Raspberry Pi 4's Cortex-A72 cluster
+    # Zen 4 runs 512-bit FMAs as two 256-bit halves; the others a whole register at once
+    for target, lanes in [(ZNVER4, 8), (AVX512, 16), (AVX2, 8), (AARCH64, 4)]:
+        assert cpu_config(target).fma_lanes("float32") == lanes, target
+    assert cpu_config(ZNVER4).fma_lanes("float64") == 4
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from tvmlayers.targets import resolve_target
 HOST = resolve_target("host")
 AARCH64 = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4})
 AVX512 = resolve_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+ZNVER4 = resolve_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
 AVX2 = resolve_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
 ARMV7 = resolve_target({"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mattr": ["+neon", "+vfp4"]})
 # 32-bit ARM without NEON: no SIMD for the CPU rules to use
@@ -31,7 +32,12 @@ def test_weight_layout_follows_the_vector_width() -> None:
     # float32 lanes of one SIMD register: AVX-512 16, AVX2 8, NEON 4
     for target, lanes in [(AVX512, 16), (AVX2, 8), (AARCH64, 4), (ARMV7, 4)]:
         assert weight_layout(_conv_spec(64, target=target)) == {"weight_block": lanes}, target
-    assert weight_layout(_conv_spec(33)) == {"weight_block": 1}
+    # odd channel counts: zero-padded blocks of a whole register, of half a one on Zen 4's 256-bit FMA units
+    for target, block in [(AVX512, 16), (ZNVER4, 8), (AVX2, 8), (AARCH64, 4)]:
+        assert weight_layout(_conv_spec(33, target=target)) == {"weight_block": block}, target
+    assert weight_layout(_conv_spec(100, target=AVX512)) == {"weight_block": 16}  # not blocks of 4
+    assert weight_layout(_conv_spec(24, target=AVX512)) == {"weight_block": 8}  # half a register: unchanged
+    assert weight_layout(_conv_spec(66, groups=2)) == {"weight_block": 1}  # padding stays within one group
     assert weight_layout(_conv_spec(16, groups=16)) == {"weight_block": 1}
     assert weight_layout(KernelSpec.make("relu", (8,), "float32", HOST)) == {}
     float64 = KernelSpec.make("linear", (1, 64), "float64", AARCH64, bias=True, weight_shape=(64, 64))

@@ -51,10 +51,14 @@ def track_data_writes(param: Parameter | None) -> None:
 
 
 def block_out_channels(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """(O, *rest) -> (O // block, *rest, block): output channels blocked for one SIMD register."""
+    """(O, *rest) -> (ceil(O / block), *rest, block): output channels blocked for one SIMD register, the
+    last block padded with zeros where ``block`` does not divide O (the kernel never writes those channels
+    out)."""
     weight = weight.detach()
     if block == 1:
         return weight.contiguous().unsqueeze(-1)
+    if weight.shape[0] % block:
+        weight = torch.cat([weight, weight.new_zeros(-weight.shape[0] % block, *weight.shape[1:])])
     blocked = weight.reshape(weight.shape[0] // block, block, *weight.shape[1:])
     return blocked.movedim(1, -1).contiguous()
 

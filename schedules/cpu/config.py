@@ -20,6 +20,11 @@ X86_L2_BYTES = 2 << 20
 # cluster shares 1 MiB, the Pi 5's Cortex-A76 has 512 KiB per core, the Pi 3's Cortex-A53 cluster 512 KiB.
 ARM_L2_BYTES = {"cortex-a72": 1 << 20, "cortex-a76": 512 << 10, "cortex-a53": 512 << 10, "cortex-a55": 256 << 10}
 ARM_DEFAULT_L2_BYTES = 512 << 10  # an unnamed ARM core: the common size of the cores above
+# x86 CPUs whose FMA units are narrower than their registers, by LLVM CPU name: AMD's Zen 4 runs each 512-bit
+# AVX-512 FMA as two 256-bit halves, so a vector of 8 float32 lanes costs it what one of 16 does.  Measured
+# here (znver4, conv 16->33 3x5 on 2x16x50x100, output channels padded): blocks of 8 (40 channels) 0.54 ms,
+# blocks of 16 (48 channels) 0.68 ms.  Intel's AVX-512 cores and Zen 5 have full-width 512-bit FMAs.
+X86_FMA_BITS = {"znver4": 256}
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,20 @@ class CpuConfig:
     # on armv7 four registers plus the 3x3 taps' inputs spilled (llvm-mca, Cortex-A72, depthwise 3x3 at
     # 56x56: 0.38 vector FMAs per cycle, 37 stack accesses per iteration; two registers: 0.66, 3).
     row_vectors: int = 4
+    # The width the FMA units compute at once, where narrower than a register (``X86_FMA_BITS``).
+    fma_bits: int | None = None
 
     def vector_lanes(self, dtype: str) -> int:
         """Elements of ``dtype`` in one SIMD register; 1 where the SIMD unit does not compute ``dtype``."""
         if dtype not in self.simd_dtypes:
             return 1
         return max(1, self.vector_bits // tvm.DataType(dtype).bits)
+
+    def fma_lanes(self, dtype: str) -> int:
+        """Elements of ``dtype`` one pass through the FMA units computes: a whole register but on CPUs that
+        split wide vectors (``X86_FMA_BITS``)."""
+        lanes = self.vector_lanes(dtype)
+        return lanes if self.fma_bits is None else min(lanes, max(1, self.fma_bits // tvm.DataType(dtype).bits))
 
     @property
     def register_tile_limit(self) -> int:
@@ -81,7 +94,8 @@ def _x86_config(target: tvm.target.Target) -> CpuConfig:
     bits = 512 if avx512 else 256 if codegen.target_has_features("avx", target) else 128
     long_mode = str(target.attrs["mtriple"]).startswith("x86_64")
     registers = (32 if avx512 else 16) if long_mode else 8
-    return CpuConfig("x86", bits, ("float32", "float64"), registers, X86_L2_BYTES)
+    fma_bits = X86_FMA_BITS.get(str(target.attrs.get("mcpu", "")))
+    return CpuConfig("x86", bits, ("float32", "float64"), registers, X86_L2_BYTES, fma_bits=fma_bits)
 
 
 def _arm_config(target: tvm.target.Target, isa: str) -> CpuConfig:

@@ -28,7 +28,8 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = spec["weight_shape"]
         block = layout["weight_block"]
-        weight = te.placeholder((out_channels // block, in_per_group, kh, kw, block), dtype, name="weight")
+        out_blocks = -(-out_channels // block)  # the last block padded where block does not divide out_channels
+        weight = te.placeholder((out_blocks, in_per_group, kh, kw, block), dtype, name="weight")
         bias = te.placeholder((out_channels,), dtype, name="bias") if spec["bias"] else None
         out_hw = conv2d_output_hw(spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"])
         out_shape = (spec.input_shape[0], out_channels, *out_hw)
@@ -43,6 +44,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
             spec["groups"],
             spec["padding_mode"],
             out_hw,
+            out_channels,
             residual=residual,
             activation=spec_activation(dict(spec.params)),
         )

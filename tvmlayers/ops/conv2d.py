@@ -1,10 +1,11 @@
 """conv2d as a tensor expression, with torch's semantics (cross-correlation, groups, dilation, padding modes).
 
-The weight comes with its output channels blocked: shape ``(C_out // block, C_in // groups, kH, kW, block)``
+The weight comes with its output channels blocked: shape ``(ceil(C_out / block), C_in // groups, kH, kW, block)``
 (block 1 is torch's OIHW layout reshaped).  The blocked accumulator ``conv_blocked`` lets CPU schedules keep
 ``block`` output channels in one SIMD register; the final stage writes torch's NCHW output and adds the bias,
 the residual (ResNet's shortcut: an NCHW tensor of the output's shape) and the activation (relu or relu6), in one
-pass over the output.
+pass over the output.  A block that does not divide ``C_out`` (ungrouped convs only) pads the last block with
+zero weights: ``conv_blocked`` computes those channels too, the final stage reads only the real ones.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def conv2d_compute(
     groups: int,
     padding_mode: str,
     out_hw: tuple[int, int],
+    out_channels: int,
     residual: te.Tensor | None = None,
     activation: str | None = None,
 ) -> te.Tensor:
@@ -32,8 +34,9 @@ def conv2d_compute(
     (+ residual[n, o, y, x], then the ``activation`` (``ACTIVATIONS``), where asked)."""
     n = int(data.shape[0])
     out_blocks, in_per_group, kh, kw, block = (int(d) for d in weight.shape)
-    out_channels = out_blocks * block
-    out_per_group = out_channels // groups
+    if out_blocks * block != out_channels and groups != 1:
+        raise ValueError(f"padded output channel blocks need groups=1, not {groups}")
+    out_per_group = out_blocks * block // groups
     padded = pad2d_compute(data, padding, padding_mode)
     (sh, sw), (dh, dw) = stride, dilation
     c = te.reduce_axis((0, in_per_group), name="c")
@@ -41,7 +44,7 @@ def conv2d_compute(
     j = te.reduce_axis((0, kw), name="j")
 
     def accumulate(b, ob, y, x, oi):
-        # block divides out_per_group, so a whole block lies in one group
+        # a whole block lies in one group: block divides out_per_group, or the padded channels of an ungrouped conv
         first_in = (ob * block) // out_per_group * in_per_group
         return te.sum(
             padded[b, first_in + c, y * sh + i * dh, x * sw + j * dw] * weight[ob, c, i, j, oi],
