@@ -5,7 +5,8 @@ MetaSchedule's C++ (the search, the task scheduler) TVM checks for signals and t
 code that cannot unwind, and the process dies in ``std::terminate`` (a segfault, before this module);
 inside a garbage-collection callback Python prints "Exception ignored" and tuning goes on for an hour.
 So during tuning SIGINT only sets a flag, except while the main thread waits in the Python builder or
-runner: there it raises at once.  Raising from Python that C++ called is safe (TVM hands the error back
+runner, or for a measurement's result (an RPC runner's, on a board or under qemu, takes seconds each): there
+it raises at once.  Raising from Python that C++ called is safe (TVM hands the error back
 through ``tune_tasks`` as a bare ``RuntimeError``, which the tuner turns back into ``KeyboardInterrupt``),
 so the flag is checked at every such call: builder, runner, each cost-model prediction (every few
 seconds of search) and each measured batch, after its records are in the database.  A second Ctrl-C
@@ -25,7 +26,14 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import Builder, BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.cost_model import CostModel, PyCostModel
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-from tvm.s_tir.meta_schedule.runner import PyRunner, Runner, RunnerFuture, RunnerInput
+from tvm.s_tir.meta_schedule.runner import (
+    PyRunner,
+    PyRunnerFuture,
+    Runner,
+    RunnerFuture,
+    RunnerInput,
+    RunnerResult,
+)
 
 from .pools import ClosingLocalBuilder
 
@@ -103,8 +111,27 @@ class InterruptibleRunner(PyRunner):
         self.interrupt = interrupt
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
-        with self.interrupt.raising():  # the local runner measures here; an RPC runner only submits
-            return self.runner.run(runner_inputs)
+        with self.interrupt.raising():
+            futures = self.runner.run(runner_inputs)
+        return [InterruptibleRunnerFuture(future, self.interrupt) for future in futures]
+
+
+@derived_object
+class InterruptibleRunnerFuture(PyRunnerFuture):
+    """A measurement in progress: MetaSchedule's C++ waits in ``result``, for many seconds on a remote or
+    emulated device, and SIGINT may raise there."""
+
+    def __init__(self, future: RunnerFuture, interrupt: Interrupt) -> None:
+        super().__init__()
+        self.future = future
+        self.interrupt = interrupt
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> RunnerResult:
+        with self.interrupt.raising():
+            return self.future.result()
 
 
 @derived_object

@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
+from tvm.runtime import Module
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult
 from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params, _worker_func
 from tvm.support.popen_pool import MapResult, PopenPoolExecutor, StatusKind, kill_child_processes
@@ -66,17 +67,25 @@ def close_pool(pool: PopenPoolExecutor) -> None:
 
 class ClosingLocalBuilder:
     """MetaSchedule's ``LocalBuilder.build`` (a fresh process pool per batch, as TVM does against a memory
-    leak of reused workers), whose pool is closed before ``build`` returns or raises."""
+    leak of reused workers), whose pool is closed before ``build`` returns or raises.  ``export``: the
+    builder's ``f_export`` (None: MetaSchedule's default archive)."""
 
-    def __init__(self, max_workers: int, timeout_sec: float, initializer: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        max_workers: int,
+        timeout_sec: float,
+        initializer: Callable[[], None] | None,
+        export: Callable[[Module], str] | None = None,
+    ) -> None:
         self.max_workers = max_workers
         self.timeout_sec = timeout_sec
         self.initializer = initializer
+        self.export = export
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec, initializer=self.initializer)
         try:
-            jobs = [(None, None, i.mod, i.target, _serialize_params(i.params)) for i in build_inputs]
+            jobs = [(None, self.export, i.mod, i.target, _serialize_params(i.params)) for i in build_inputs]
             return [self._result(r) for r in pool.map_with_error_catching(lambda job: _worker_func(*job), jobs)]
         finally:
             close_pool(pool)

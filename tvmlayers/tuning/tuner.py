@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
@@ -21,9 +20,10 @@ from .. import ops, schedules
 from ..build import code_fingerprint
 from ..locks import file_lock
 from ..spec import KernelSpec
-from ..targets import TargetLike, resolve_target
-from .apply import RecordError, compile_record
+from ..targets import TargetLike, resolve_target, runs_here, target_key
+from .apply import RecordError, schedule_record
 from .database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
+from .devices import Device, LocalDevice, RPCDevice
 from .fast_import import import_tensor_intrin
 from .interrupt import (
     Interrupt,
@@ -85,18 +85,20 @@ def _space(name: str, target: tvm.target.Target) -> object:
     )
 
 
-def _runner(rpc_tracker: str | None, rpc_key: str | None, timeout: float) -> ms.runner.Runner:
+def _device(target: tvm.target.Target, rpc_tracker: str | None, rpc_key: str | None, timeout: float) -> Device:
+    """Where candidates are measured and records checked: here, or the RPC device (which must be registered)."""
     if rpc_tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=timeout)
-    if not rpc_key:
-        raise ValueError("--rpc-tracker needs --rpc-key: the key the devices registered with")
-    host, _, port = rpc_tracker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--rpc-tracker must be HOST:PORT, got {rpc_tracker!r}")
-    config = ms.runner.RPCConfig(
-        tracker_host=host, tracker_port=int(port), tracker_key=rpc_key, session_timeout_sec=max(timeout, 60)
-    )
-    return ms.runner.RPCRunner(rpc_config=config)
+        if rpc_key:
+            raise ValueError("--rpc-key needs --rpc-tracker: the HOST:PORT of the tracker the devices registered with")
+        if not runs_here(target):
+            raise ValueError(
+                f"kernels for {target_key(target)} cannot run on this machine, so they cannot be measured here: "
+                "tune them on the device over RPC (--rpc-tracker HOST:PORT --rpc-key KEY; see the README)"
+            )
+        return LocalDevice()
+    device = RPCDevice(rpc_tracker, rpc_key, target, timeout)
+    device.check_registered()
+    return device
 
 
 def _only_tuner(log: TuningLog) -> contextlib.AbstractContextManager[None]:
@@ -107,23 +109,26 @@ def _only_tuner(log: TuningLog) -> contextlib.AbstractContextManager[None]:
 
 
 def verified_best(
-    log: TuningLog, spec: KernelSpec, layout: dict, hash_: str, checked: frozenset[str] = frozenset()
+    log: TuningLog, task: _Task, device: Device, checked: frozenset[str] = frozenset()
 ) -> TuningRecord | None:
-    """The fastest record that computes what torch computes; records that do not are rejected in the log.
-    Records in ``checked`` were verified a moment ago and are not compiled again."""
-    while (record := log.best(hash_)) is not None:
-        problem = None if record.id in checked else check_record(spec, layout, record)
-        if problem is None:
+    """The fastest record whose kernel computes what torch computes on ``device``; records that do not are
+    rejected in the log.  Records in ``checked`` were verified a moment ago and are not run again."""
+    while (record := log.best(task.hash)) is not None:
+        try:
+            if record.id not in checked:
+                _run_record(device, task, record, timed=False)
             return record
-        log.reject(record, problem)
+        except RecordError as err:
+            log.reject(record, str(err))
     return None
 
 
-def retime_best(log: TuningLog, task: _Task, top: int = 5) -> set[str]:
-    """Time the ``top`` records MetaSchedule found fastest and the default schedule's record again, one
-    after the other with one protocol, and store the times in the log: MetaSchedule's own measurements
-    come from different moments of a long run and can rank a slower kernel first.  Records that do not
-    build or compute the wrong result are rejected on the way; returns the ids of those that passed."""
+def retime_best(log: TuningLog, task: _Task, device: Device, top: int = 5) -> set[str]:
+    """Time the ``top`` records MetaSchedule found fastest and the default schedule's record again on
+    ``device``, one after the other with one protocol, and store the times in the log: MetaSchedule's own
+    measurements come from different moments of a long run and can rank a slower kernel first.  Records
+    that do not build or compute the wrong result are rejected on the way; returns the ids of those that
+    passed."""
     meta = log.meta()
     usable = [r for r in log.records(task.hash) if r.id not in meta["rejected"]]
     baseline = meta.get("baselines", {}).get(task.hash)
@@ -131,45 +136,29 @@ def retime_best(log: TuningLog, task: _Task, top: int = 5) -> set[str]:
     seconds = {}
     for record in candidates:
         try:
-            executable = compile_record(task.spec, task.layout, record)
+            seconds[record.id] = _run_record(device, task, record, timed=True)
         except RecordError as err:
             log.reject(record, str(err))
-            continue
-        seconds[record.id] = _time(executable.jit(), task.func)
     log.set_retimed(task.hash, seconds)
     return set(seconds)
 
 
-def check_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> str | None:
-    """None if the record's kernel builds and matches torch on random inputs, else why not."""
-    try:
-        compile_record(spec, layout, record)
-    except RecordError as err:
-        return str(err)
-    return None
+def _run_record(device: Device, task: _Task, record: TuningRecord, timed: bool) -> float:
+    """Build ``record``'s kernel, check it against torch on ``device`` and, if ``timed``, time it there
+    (else 0.0); a record that does not build or computes something else raises RecordError.  A device that
+    fails (a lost connection) raises its own error: that says nothing about the record."""
+    executable = schedule_record(task.spec, task.layout, record)
+    with device.loaded(executable) as kernel:
+        problem = kernel.check(task.spec, task.layout)
+        if problem is not None:
+            raise RecordError(problem)
+        return kernel.time(task.func) if timed else 0.0
 
 
-def _time(module: tvm.runtime.Module, func: tvm.tirx.PrimFunc) -> float:
-    """Mean run time of a compiled kernel, measured like MetaSchedule's LocalRunner does."""
-    device = tvm.cpu()
-    # random data, as MetaSchedule's runner uses: uninitialized memory can hold denormals, which make
-    # floating-point arithmetic many times slower and the baseline look far worse than it is
-    rng = np.random.default_rng(0)
-    args = [
-        tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)), device)
-        for p in func.params
-    ]
-    config = ms.runner.EvaluatorConfig()
-    timer = module.time_evaluator(
-        ops.SYMBOL, device, number=config.number, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms
-    )
-    return float(timer(*args).mean)
-
-
-def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target) -> set[str]:
-    """Put each task's default schedule in the log as a measured record, once per version of the op and
-    schedule code: the search then starts from it, and a tuned record is never slower than the kernel
-    users would get without tuning.  Returns the workload hashes seeded now."""
+def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target, device: Device) -> set[str]:
+    """Put each task's default schedule in the log as a record measured on ``device``, once per version of
+    the op and schedule code: the search then starts from it, and a tuned record is never slower than the
+    kernel users would get without tuning.  Returns the workload hashes seeded now."""
     # re-seeded whenever the op or schedule code changed: the default schedule may be a new one
     seeded_with = log.meta().get("baseline_code", {})
     todo = [t for t in tasks if seeded_with.get(t.hash) != code_fingerprint()]
@@ -181,7 +170,8 @@ def _seed_defaults(tasks: list[_Task], log: TuningLog, target: tvm.target.Target
     baselines = {}
     for task in todo:
         sch, _ = schedules.default_schedule(task.func, target)
-        seconds = _time(tvm.compile(sch.mod, target=target).jit(), task.func)
+        with device.loaded(tvm.compile(sch.mod, target=target)) as kernel:
+            seconds = kernel.time(task.func)
         workload = database.commit_workload(_normalize_mod(task.func))  # as MetaSchedule files it
         database.commit_tuning_record(
             ms.database.TuningRecord(
@@ -209,7 +199,10 @@ def tune(
     """Tune every workload to ``trials`` measured candidates (counting those already in the log).
 
     Records go to ``log_dir`` (default ``$TVMLAYERS_TUNING_LOGS`` or the user log directory), in the
-    subdirectory of the target; later layer calls find them without any flag.
+    subdirectory of the target; later layer calls find them without any flag.  Candidates are measured, and
+    the best records checked against torch, in this process, or with ``rpc_tracker`` (``HOST:PORT``) and
+    ``rpc_key`` on a device registered with that TVM RPC tracker: the only way for a target of another
+    architecture, whose kernels are linked here for it (:mod:`tvmlayers.tuning.devices`).
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -217,6 +210,7 @@ def tune(
         raise ValueError(f"trials must be positive, got {trials}")
     import_tensor_intrin()
     tgt = resolve_target(target)
+    device = _device(tgt, rpc_tracker, rpc_key, timeout)
     log = TuningLog.for_target(tune_log_root(log_dir), tgt)
     tasks = []
     for workload in _as_workloads(workloads):
@@ -231,24 +225,21 @@ def tune(
     log.add_workloads({t.hash: t.spec for t in tasks}, tgt)
     with _only_tuner(log):
         log.repair()  # MetaSchedule cannot open a database with a corrupt line
-        seeded = set()
-        if rpc_tracker is None:  # a baseline measured here says nothing about a remote device
-            seeded = _seed_defaults(tasks, log, tgt)
+        seeded = _seed_defaults(tasks, log, tgt, device)
         for task in tasks:
             task.done = log.trials(task.hash)
         pending = [t for t in tasks if t.done < trials]
         if pending:
-            _run(pending, tgt, log, trials, space, trials_per_iter, rpc_tracker, rpc_key, timeout, progress)
+            _run(pending, tgt, log, trials, space, trials_per_iter, device, timeout, progress)
         checked: set[str] = set()
-        if rpc_tracker is None:  # re-timing needs the device here
-            retimed, changed = log.meta().get("retimed", {}), seeded | {t.hash for t in pending}
-            for task in tasks:
-                # a task whose records did not change since they were last re-timed keeps those times
-                if task.hash in changed or task.hash not in retimed:
-                    checked |= retime_best(log, task)
+        retimed, changed = log.meta().get("retimed", {}), seeded | {t.hash for t in pending}
+        for task in tasks:
+            # a task whose records did not change since they were last re-timed keeps those times
+            if task.hash in changed or task.hash not in retimed:
+                checked |= retime_best(log, task, device)
     results = []
     for task in tasks:
-        best = verified_best(log, task.spec, task.layout, task.hash, frozenset(checked))
+        best = verified_best(log, task, device, frozenset(checked))
         results.append(TaskResult(task.workload, task.spec, task.hash, log.trials(task.hash), best))
     return results
 
@@ -260,12 +251,12 @@ def _run(
     trials: int,
     space: str,
     trials_per_iter: int,
-    rpc_tracker: str | None,
-    rpc_key: str | None,
+    device: Device,
     timeout: float,
     show_progress: bool,
 ) -> None:
-    cores = int(target.attrs.get("num-cores", os.cpu_count() or 1))
+    # builds and the search run on this machine's cores, whichever device measures
+    cores = int(resolve_target("host").attrs.get("num-cores", os.cpu_count() or 1))
     remaining = [trials - t.done for t in tasks]
     contexts = [
         ms.TuneContext(
@@ -288,15 +279,16 @@ def _run(
         ProgressCallback(progress),
         InterruptCallback(interrupt),
     ]
-    # builder, runner and cost model are what MetaSchedule's C++ calls back into: each checks for Ctrl-C
-    builder = InterruptibleBuilder(ClosingLocalBuilder(cores, timeout, import_tensor_intrin), interrupt)
     cost_model = InterruptibleCostModel(
         ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores, tree_method="auto"), interrupt
     )
     before = sum(len(log.records(t.hash)) for t in tasks)
-    measure = _runner(rpc_tracker, rpc_key, timeout)  # its process pool starts now: closed below
-    runner = InterruptibleRunner(measure, interrupt)
     with tempfile.TemporaryDirectory(prefix="tvmlayers-tune-") as work_dir, interrupt.catching():
+        # builder, runner and cost model are what MetaSchedule's C++ calls back into: each checks for Ctrl-C
+        build = ClosingLocalBuilder(cores, timeout, import_tensor_intrin, device.builder_export(work_dir))
+        builder = InterruptibleBuilder(build, interrupt)
+        measure = device.runner(timeout)  # its process pool starts now: closed below
+        runner = InterruptibleRunner(measure, interrupt)
         try:
             ms.tune.tune_tasks(
                 tasks=contexts,
