@@ -117,3 +117,22 @@ def test_no_rule_for_a_target_without_one() -> None:
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}})
     with pytest.raises(ValueError, match="no schedule rule applies"):
         default_schedule(ops.prim_func(spec, {}), cuda)
+
+
+@pytest.mark.parametrize("width", [40, 150])
+def test_strided_depthwise_pads_rows_on_the_stack(width: int) -> None:
+    """A strided depthwise conv pads the input rows next to their use: a whole row's strip where it fits
+    TVM's stack allocation (1 KiB), else a column tile's, never a workspace allocation per row."""
+    spec = KernelSpec.make(
+        "conv2d", (1, 8, 9, width), "float32", HOST, weight_shape=(8, 1, 3, 3), stride=(2, 2),
+        padding=(1, 1, 1, 1), dilation=(1, 1), groups=8, padding_mode="zeros", bias=True,
+    )  # fmt: skip
+    sch, rule = default_schedule(ops.prim_func(spec, weight_layout(spec)), HOST)
+    assert rule == "cpu.conv2d_spatial"
+    module = tvm.compile(sch.mod, target=HOST)
+    assert "TVMBackendAllocWorkspace" not in module.mod.inspect_source("ll")
+    x, w, b = torch.randn(1, 8, 9, width), torch.randn(8, 1, 3, 3), torch.randn(8)
+    out = torch.empty(1, 8, 5, (width + 1) // 2)
+    module[ops.SYMBOL](x, block_out_channels(w, 1), b, out)
+    expected = torch.nn.functional.conv2d(x, w, b, stride=2, padding=1, groups=8)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -15,6 +15,7 @@ import math
 
 import tvm
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import SBlockRV
 
 from ..rule import block_extents, has_block, inner_loops, input_dtype, largest_divisor, op_of, parallel_outer
 from .config import cpu_config
@@ -47,6 +48,20 @@ def _channel_register_tile(out_width: int, out_blocks: int, limit: int) -> tuple
     return columns(vectors), vectors
 
 
+# TVM allocates a buffer inside a parallel loop on the stack up to 1 KiB (its kMaxStackAlloca), larger ones with
+# a TVMBackendAllocWorkspace call per iteration.  A strided depthwise conv pads its input rows per output row
+# and channel: at 112x112 (96 channels, stride 2) the 3 rows of 113 floats made that call 5376 times per
+# kernel, which took 0.27 or 0.56 ms depending on the process (znver4, 4 processes); padded per column tile
+# on the stack 0.24-0.25 ms in each (224x224, 32 channels: 0.32-0.56 -> 0.33 ms).
+STACK_ALLOCA_BYTES = 1024
+
+
+def _strip_bytes(sch: Schedule, block: SBlockRV) -> int:
+    """The bytes a block of the input's type, computed at the outermost loop, writes per iteration of it."""
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(block)[1:]]
+    return math.prod(extents) * tvm.DataType(input_dtype(sch.mod["main"])).bits // 8
+
+
 def _column_stride(sch: Schedule) -> int:
     """The conv's horizontal stride, read off its input index ``x * stride + j * dilation``."""
     conv = sch.get(sch.get_sblock("conv_blocked"))
@@ -69,7 +84,8 @@ def _schedule(
     holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).  The reduction
     runs over input channels, then kernel taps, or with ``taps_outer`` (``CpuConfig.taps_outer``) the other way
     round.  ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
-    input first.  ``sch`` is the unscheduled kernel the rule has inspected."""
+    input first (a row-vectorized tile's rows per column tile where a whole row's would not fit on the
+    stack).  ``sch`` is the unscheduled kernel the rule has inspected."""
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
     out_blocks, _, out_width, block = block_extents(sch, "conv_blocked")[1:5]
     n, o, y, x = sch.get_loops(out)
@@ -114,6 +130,8 @@ def _schedule(
     if has_block(sch, "pad") and pad_per_row:
         pad = sch.get_sblock("pad")
         sch.compute_at(pad, rows, preserve_unit_loops=True)
+        if vector_inner == "column" and _strip_bytes(sch, pad) > STACK_ALLOCA_BYTES:
+            sch.compute_at(pad, xo, preserve_unit_loops=True)  # the strip of one column tile instead
         sch.vectorize(sch.get_loops(pad)[-1])
     elif has_block(sch, "pad"):
         parallel_outer(sch, "pad", 3)
