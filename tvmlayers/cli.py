@@ -348,8 +348,13 @@ def _parser() -> argparse.ArgumentParser:
         help="MetaSchedule's generic rules, or tvmlayers' schedule rules with sampled tile sizes",
     )
     tune.add_argument("--trials-per-iter", type=int, default=64)
-    tune.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the devices behind it")
-    tune.add_argument("--rpc-key", help="the device key registered with the tracker")
+    tune.add_argument(
+        "--rpc-tracker",
+        help="HOST:PORT of a TVM RPC tracker: measure candidates and check records on the device behind it "
+        "(needed for a target of another architecture, e.g. rasp4b; python -m tvmlayers.tuning.qemu_board "
+        "serves an emulated one)",
+    )
+    tune.add_argument("--rpc-key", help="the key the device registered with at the tracker, e.g. rasp4b")
     tune.add_argument("--timeout", type=float, default=60.0, help="seconds per build and per run")
     tune.set_defaults(run=_tune)
     logs = commands.add_parser("logs", help="inspect, adopt or merge tuning logs")
