@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import tvm
 
 import tvmlayers as tl
 import tvmlayers.functional as tf
 from conftest import HOST, assert_matches_torch
+from tvmlayers import ops
 from tvmlayers.layouts import block_out_channels
-from tvmlayers.schedules.cpu import is_simd_cpu
+from tvmlayers.schedules import weight_layout
+from tvmlayers.schedules.cpu import CpuConv2dBlocked, is_simd_cpu
+from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.workloads import load_workloads
 
 WORKLOADS = Path(__file__).resolve().parent.parent / "examples" / "workloads" / "odd_channels.toml"
@@ -117,3 +121,19 @@ def test_block_out_channels_pads_the_last_block_with_zeros() -> None:
     assert not packed[1, ..., 1:].any()  # channels 5, 6, 7
     assert block_out_channels(weight, 1).shape == (5, 2, 3, 3, 1)
 
+
+@needs_simd
+def test_the_tuning_search_space_of_a_padded_layout_matches_torch() -> None:
+    """``tvmlayers tune`` samples the blocked rule's space over padded blocks (the last one partly zeros)."""
+    spec = KernelSpec.make(
+        "conv2d", (1, 6, 10, 12), "float32", HOST, weight_shape=(33, 6, 3, 3), stride=(1, 1),
+        padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, padding_mode="zeros", bias=True,
+    )  # fmt: skip
+    layout = weight_layout(spec)
+    sch = CpuConv2dBlocked().apply(ops.prim_func(spec, layout), HOST, tunable=True)
+    assert "sample_perfect_tile" in str(sch.trace)
+    kernel = tvm.compile(sch.mod, target=HOST)[ops.SYMBOL]
+    x, w, b = torch.randn(1, 6, 10, 12), torch.randn(33, 6, 3, 3), torch.randn(33)
+    out = torch.empty(1, 33, 10, 12)
+    kernel(x, block_out_channels(w, layout["weight_block"]), b, out)
+    assert_matches_torch(out, F.conv2d(x, w, b, padding=1))
