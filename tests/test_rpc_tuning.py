@@ -44,7 +44,7 @@ def _hash(spec: KernelSpec) -> str:
 @pytest.fixture(scope="module")
 def board() -> QemuBoard:
     with QemuBoard(KEY) as board:
-        started = [psutil.Process(p.pid) for p in board._processes.values()]
+        started = [psutil.Process(p.pid) for p in board.processes.values()]
         yield board
         family = [*started, *(c for p in started for c in p.children(recursive=True))]
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

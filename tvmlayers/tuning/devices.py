@@ -35,8 +35,12 @@ class LoadedKernel:
     """A kernel loaded on a device: checked against torch and timed there."""
 
     def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
-        self.module = module
-        self.device = device
+        self.module: tvm.runtime.Module | None = module
+        self.device: tvm.runtime.Device | None = device
+
+    def release(self) -> None:
+        """Drop the module and device: a remote one keeps its RPC session, and so the device, busy."""
+        self.module = self.device = None
 
     def _call(self, spec: KernelSpec, layout: dict) -> Callable[..., None]:
         """The kernel as ``check_kernel`` calls it (torch inputs, then outputs), through the device's memory."""
@@ -156,9 +160,8 @@ class RPCDevice:
                 yield kernel
             finally:
                 # the session ends when nothing refers to it any more (TVM has no close), and the device
-                # serves nobody else until then: the caller's name for the kernel must not keep it (a remote
-                # device object refers to its session too)
-                kernel.module = kernel.device = None
+                # serves nobody else until then: the caller's name for the kernel must not keep it
+                kernel.release()
                 session.remove(path.name)
 
 

@@ -133,6 +133,11 @@ class QemuBoard:
         path = Path(self._logs.name) / f"{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """The running ``tracker`` and ``server`` processes, each the leader of its process group."""
+        return dict(self._processes)
+
     def alive(self) -> bool:
         return bool(self._processes) and all(p.poll() is None for p in self._processes.values())
 
