@@ -234,6 +234,10 @@ class TuningLog:
                 stamp.append(None)
         return tuple(stamp)
 
+    def stamp(self) -> tuple:
+        """Changes whenever one of the log's files does: the key of what is cached from reading it."""
+        return self._stamp()
+
     def _index(self) -> _Index:
         """Parsed once per process; parsed again only when one of the files changed."""
         stamp = self._stamp()

@@ -36,7 +36,7 @@ from .database import TuningLog, TuningRecord, log_roots, workload_hash
 from .family import family_key, family_logs, log_cpu, log_target
 from .neighbours import nearest, refit_trace
 from .record_check import trace_problem
-from .trial import try_record
+from .trial import Baseline, try_record
 from .verdicts import BorrowedRecord, Verdict, Verdicts, code_version
 
 STEPS = {"0": frozenset(), "exact": frozenset(), "adopt": frozenset({"adopt"}), "neighbours": frozenset({"neighbour"})}
@@ -64,26 +64,25 @@ def _own_logs(target: tvm.target.Target, log_dir: str | Path | None) -> list[Tun
     return [TuningLog.for_target(root, target) for root in log_roots(log_dir)]
 
 
-_tuned: dict[tuple, list[tuple[str, KernelSpec]]] = {}
+_tuned: dict[tuple, list[tuple[str, KernelSpec, TuningRecord]]] = {}  # (log folder, stamp) -> its workloads
 
 
-def tuned_workloads(log: TuningLog) -> list[tuple[str, KernelSpec]]:
-    """(workload hash, spec on the log's own target) of every workload of ``log`` with a usable record;
-    entries of its ``tvmlayers.json`` that do not make a spec are left out (``tvmlayers logs ls`` names them),
-    and so is everything of a log that does not say its target."""
-    target = log_target(log)
-    key = (log.directory, log._stamp(), str(target))
+def tuned_workloads(log: TuningLog) -> list[tuple[str, KernelSpec, TuningRecord]]:
+    """(workload hash, spec on the log's own target, best record) of every workload of ``log`` with a usable
+    record, read once per version of the log; entries of its ``tvmlayers.json`` that do not make a spec are
+    left out (``tvmlayers logs ls`` names them), and so is everything of a log that does not say its target."""
+    key = (log.directory, log.stamp())
     if key not in _tuned:
+        target = log_target(log)
         found = []
         for shash, spec_json in log.workloads().items() if target is not None else ():
             try:
-                spec = KernelSpec.make(
-                    spec_json["op"], tuple(spec_json["input_shape"]), spec_json["dtype"], target, **spec_json["params"]
-                )
+                op, shape, dtype, params = (spec_json[k] for k in ("op", "input_shape", "dtype", "params"))
+                spec = KernelSpec.make(op, tuple(shape), dtype, target, **params)
             except (KeyError, TypeError, ValueError):
                 continue
-            if log.best(shash) is not None:
-                found.append((shash, spec))
+            if (best := log.best(shash)) is not None:
+                found.append((shash, spec, best))
         _tuned[key] = found
     return _tuned[key]
 
@@ -101,7 +100,7 @@ def candidates(
     ``everything`` only those a build tries by itself: one of each kind."""
     steps = travel_steps()
     found: list[Candidate] = []
-    family = family_logs(spec.target, log_dir) if family_key(spec.target) is not None else []
+    family = family_logs(spec.target, log_dir)
     if "adopt" in steps:
         adoptable = [Candidate("adopt", log, r) for log in family if (r := log.best(workload)) is not None]
         found += adoptable if everything else adoptable[:1]
@@ -110,10 +109,10 @@ def candidates(
         seen: set[str] = set()
         for log in [*_own_logs(spec.target, log_dir), *family]:
             # the same call under another weight layout is a neighbour too, at distance 0
-            tuned = {s: shash for shash, s in tuned_workloads(log) if shash != workload}
+            tuned = {source: record for shash, source, record in tuned_workloads(log) if shash != workload}
             for dist, source in nearest(spec, iter(tuned)):
-                record = log.best(tuned[source])
-                if record is not None and record.id not in seen:
+                record = tuned[source]
+                if record.id not in seen:
                     seen.add(record.id)
                     near.append((dist, Candidate("neighbour", log, record, source)))
         near.sort(key=lambda pair: pair[0])
@@ -129,12 +128,13 @@ def borrowed_record(
     if not travel_steps() or not log_roots(log_dir):
         return None
     verdicts = Verdicts.for_target(spec.target, log_dir)
+    baseline = Baseline(spec, layout)
     for candidate in candidates(spec, workload, log_dir):
         verdict = verdicts.get(workload, candidate.id)
         if verdict is None:
             if not (trials and runs_here(spec.target)):
                 continue
-            verdict = judge(spec, layout, workload, candidate, verdicts)
+            verdict = judge(spec, layout, workload, candidate, verdicts, baseline)
         if verdict.adopted:
             return verdicts, _borrowed(spec, workload, candidate, verdict, verdicts)
     return None
@@ -157,8 +157,11 @@ def _borrowed(
     return BorrowedRecord(verdicts.directory, 0, workload, verdict.trace, 0.0, target_key(spec.target), verdict)
 
 
-def judge(spec: KernelSpec, layout: dict, workload: str, candidate: Candidate, verdicts: Verdicts) -> Verdict:
-    """Try ``candidate`` for ``spec`` here (re-fitted first if a neighbour) and remember the verdict."""
+def judge(
+    spec: KernelSpec, layout: dict, workload: str, candidate: Candidate, verdicts: Verdicts, baseline: Baseline
+) -> Verdict:
+    """Try ``candidate`` for ``spec`` here (re-fitted first if a neighbour) against ``baseline`` and remember
+    the verdict."""
     trace = candidate.record.trace
     reason, speedup = "", 0.0
     if candidate.kind == "neighbour":
@@ -171,7 +174,7 @@ def judge(spec: KernelSpec, layout: dict, workload: str, candidate: Candidate, v
             reason = str(wrong)
     if not reason:
         record = TuningRecord(candidate.log.directory, 0, workload, trace, 0.0, target_key(spec.target))
-        result = try_record(spec, layout, record)
+        result = try_record(spec, layout, record, baseline)
         reason, speedup = result.reason, result.speedup
     verdict = Verdict(
         candidate=candidate.id,
@@ -223,19 +226,21 @@ def adopt_logs(
     verdicts = Verdicts.for_target(target, log_dir)
     todo = []
     for log in logs:
-        for source_hash, source in tuned_workloads(log):
+        for source_hash, source, record in tuned_workloads(log):
             spec = retarget(source, target)
             layout = schedules.weight_layout(spec)
             workload = workload_hash(ops.prim_func(spec, layout))
             if not any(o.best(workload) for o in own):
                 # another weight layout here makes the same call a workload of its own: re-fitted, as a neighbour
                 kind = "adopt" if workload == source_hash else "neighbour"
-                todo.append((spec, layout, workload, Candidate(kind, log, log.best(source_hash), source)))
+                todo.append((spec, layout, workload, Candidate(kind, log, record, source)))
     if on_start is not None:
         on_start(len(todo))
     results = []
     for spec, layout, workload, candidate in todo:
-        verdict = verdicts.get(workload, candidate.id) or judge(spec, layout, workload, candidate, verdicts)
+        verdict = verdicts.get(workload, candidate.id) or judge(
+            spec, layout, workload, candidate, verdicts, Baseline(spec, layout)
+        )
         results.append((spec, verdict))
         if on_done is not None:
             on_done(spec, verdict)

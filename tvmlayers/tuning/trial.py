@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import tvm
@@ -37,16 +38,26 @@ class TrialResult:
         return not self.reason
 
 
-def try_record(spec: KernelSpec, layout: dict, record: TuningRecord) -> TrialResult:
+class Baseline:
+    """The default schedule's kernel of a spec, compiled when first needed and then shared by its candidates."""
+
+    def __init__(self, spec: KernelSpec, layout: dict) -> None:
+        self.spec, self.layout = spec, layout
+
+    @cached_property
+    def executable(self) -> tvm.runtime.Executable:
+        sch, _ = schedules.default_schedule(ops.prim_func(self.spec, self.layout), self.spec.target)
+        return tvm.compile(sch.mod, target=self.spec.target)
+
+
+def try_record(spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline) -> TrialResult:
     """Compile ``record`` for ``spec`` (its target is this machine's), check it against torch, time it against
-    the default schedule."""
+    ``baseline``, the default schedule of ``spec``."""
     try:
         candidate = compile_record(spec, layout, record)
     except RecordError as wrong:
         return TrialResult(0.0, str(wrong))
-    sch, _ = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)
-    default = tvm.compile(sch.mod, target=spec.target)
-    speedup = paired_speedup(spec, layout, default, candidate)
+    speedup = paired_speedup(spec, layout, baseline.executable, candidate)
     if speedup < MIN_SPEEDUP:
         return TrialResult(speedup, f"{speedup:.2f}x of the default here, not the {MIN_SPEEDUP}x it must beat it by")
     return TrialResult(speedup, "")
