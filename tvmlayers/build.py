@@ -27,6 +27,7 @@ from .targets import host_arch, missing_features, runs_here, target_arch, target
 from .tuning.apply import RecordError, compile_record
 from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .tuning.travel import borrowed_record, untried
+from .tuning.trial import compiled_in_trial
 from .tuning.untuned import note_untuned
 from .tuning.verdicts import Verdicts
 
@@ -76,12 +77,16 @@ def _tuned_record(
 def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None, fcompile: Any = None) -> dict:
     """Schedule and compile ``spec``, export the library to ``so_path`` (linked by ``fcompile``, e.g. a cross
     compiler; None: the system's); returns the manifest fields."""
+    # the trials of records of other CPUs or neighbours (tuning.travel) may have compiled this kernel already
+    executable = compiled_in_trial(spec, record.id if record is not None else None)
     if record is None:
         sch, rule = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)
-        executable = tvm.compile(sch.mod, target=spec.target)
+        if executable is None:
+            executable = tvm.compile(sch.mod, target=spec.target)
         provenance = {"source": "default", "rule": rule}
     else:
-        executable = compile_record(spec, layout, record)
+        if executable is None:
+            executable = compile_record(spec, layout, record)
         provenance = record.provenance()
     executable.export_library(str(so_path), fcompile=fcompile)
     return {

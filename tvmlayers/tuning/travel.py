@@ -23,6 +23,7 @@ about a second of timing more, once, on a machine where it would otherwise run a
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ from .record_check import trace_problem
 from .trial import Baseline, try_record
 from .verdicts import BorrowedRecord, Verdict, Verdicts, code_version
 
+# Seconds one process spends on trials by itself (a model's first forward): beyond that, its layers wait for
+# the next process or `tvmlayers logs adopt`, so that a large untuned model's first call stays bearable.
+PROCESS_TRIALS_S = 30.0
+_trials_s = 0.0
 STEPS = {"0": frozenset(), "exact": frozenset(), "adopt": frozenset({"adopt"}), "neighbours": frozenset({"neighbour"})}
 ALL_STEPS = frozenset({"adopt", "neighbour"})
 
@@ -132,9 +137,12 @@ def borrowed_record(
     for candidate in candidates(spec, workload, log_dir):
         verdict = verdicts.get(workload, candidate.id)
         if verdict is None:
-            if not (trials and runs_here(spec.target)):
+            global _trials_s
+            if not (trials and runs_here(spec.target)) or _trials_s >= PROCESS_TRIALS_S:
                 continue
+            start = time.monotonic()
             verdict = judge(spec, layout, workload, candidate, verdicts, baseline)
+            _trials_s += time.monotonic() - start
         if verdict.adopted:
             return verdicts, _borrowed(spec, workload, candidate, verdict, verdicts)
     return None

@@ -38,16 +38,30 @@ class TrialResult:
         return not self.reason
 
 
+# The kernels the trials of the kernel being built compiled and checked, by (spec, record id, None for the
+# default schedule): the build that follows its trials takes the winner, or the default, from here instead of
+# compiling it again.  Only the current build's: a new Baseline starts them afresh.
+_compiled: dict[tuple[KernelSpec, str | None], tvm.runtime.Executable] = {}
+
+
+def compiled_in_trial(spec: KernelSpec, record_id: str | None) -> tvm.runtime.Executable | None:
+    """The kernel of ``spec`` scheduled by the record ``record_id`` (None: the default rules) that a trial of
+    this build compiled (and, a record, checked against torch), if one did."""
+    return _compiled.pop((spec, record_id), None)
+
+
 class Baseline:
     """The default schedule's kernel of a spec, compiled when first needed and then shared by its candidates."""
 
     def __init__(self, spec: KernelSpec, layout: dict) -> None:
         self.spec, self.layout = spec, layout
+        _compiled.clear()  # another kernel's trials begin
 
     @cached_property
     def executable(self) -> tvm.runtime.Executable:
         sch, _ = schedules.default_schedule(ops.prim_func(self.spec, self.layout), self.spec.target)
-        return tvm.compile(sch.mod, target=self.spec.target)
+        _compiled[self.spec, None] = executable = tvm.compile(sch.mod, target=self.spec.target)
+        return executable
 
 
 def try_record(spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline) -> TrialResult:
@@ -60,6 +74,7 @@ def try_record(spec: KernelSpec, layout: dict, record: TuningRecord, baseline: B
     speedup = paired_speedup(spec, layout, baseline.executable, candidate)
     if speedup < MIN_SPEEDUP:
         return TrialResult(speedup, f"{speedup:.2f}x of the default here, not the {MIN_SPEEDUP}x it must beat it by")
+    _compiled[spec, record.id] = candidate
     return TrialResult(speedup, "")
 
 
