@@ -99,7 +99,9 @@ Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
 :class:`tvmlayers.model_bench.ModelReport`.
 Environment: ``TVMLAYERS_CACHE_DIR`` (kernel cache), ``TVMLAYERS_TUNING_LOGS`` (user tuning logs),
-``TVMLAYERS_TUNED=0`` (ignore tuning logs), ``TVM_NUM_THREADS`` (kernel threads).
+``TVMLAYERS_TUNED=0`` (ignore tuning logs; ``exact``: this target's records only, ``adopt``: and other CPUs' of
+the family, ``neighbours``: and re-fitted neighbours', not other CPUs'; see :mod:`tvmlayers.tuning.travel`),
+``TVM_NUM_THREADS`` (kernel threads).
 """
 
 from __future__ import annotations

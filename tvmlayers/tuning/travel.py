@@ -13,8 +13,11 @@ The build looks up, in order (:func:`tvmlayers.build.kernel_for`):
 Each candidate is tried once per machine and code version and the verdict remembered in the user's log
 (:mod:`tvmlayers.tuning.verdicts`).  Implicitly, during the first build of a kernel, only the best record
 of the first family log and the nearest neighbour are tried: a first call then pays at most two compiles and
-about a second of timing more, once, on a machine where it would otherwise run an untuned kernel for good.
-``tvmlayers logs adopt`` tries every record of the family's logs ahead of time.
+about a second of timing more (the build takes the winner, or the default, as the trial compiled it), once,
+on a machine where it would otherwise run an untuned kernel for good; and a process spends at most
+``PROCESS_TRIALS_S`` on trials by itself, so that the first forward of a large untuned model stays bearable
+(the layers left over are tried by the next process).  ``tvmlayers logs adopt`` tries every record of the
+family's logs ahead of time.
 
 ``TVMLAYERS_TUNED`` chooses the steps: unset or ``1`` all of them, ``exact`` only 1, ``adopt`` 1 and 2,
 ``neighbours`` 1 and 3, ``0`` none (the default rules only).
