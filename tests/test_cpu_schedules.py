@@ -181,6 +181,7 @@ def test_the_loop_finder_sees_scalar_and_vector_fmas() -> None:
 MICRO_KERNELS = {
     "conv2d": (_conv((1, 64, 56, 56), 64), CpuConv2dBlocked.name),
     "conv2d_odd_channels": (_conv((1, 16, 28, 28), 33), CpuConv2dBlocked.name),  # the last block zero-padded
+    "conv2d_odd_groups": (_conv((1, 30, 28, 28), 42, groups=6), CpuConv2dSpatial.name),  # 7 channels a tile
     "depthwise": (_conv((1, 32, 56, 56), 32, groups=32), CpuConv2dSpatial.name),
     "linear": (_linear((1, 512), 1000), CpuLinearBlocked.name),
 }
@@ -201,7 +202,7 @@ def test_arm_micro_kernels_are_neon_fmas_in_the_innermost_loop(arch: str, kernel
 _STACK = re.compile(r"\bsp\b")
 
 
-@pytest.mark.parametrize("kernel", ["conv2d", "linear"])
+@pytest.mark.parametrize("kernel", ["conv2d", "conv2d_odd_channels", "linear"])
 def test_armv7_micro_kernels_keep_their_operands_in_registers(kernel: str) -> None:
     """armv7 has 16 NEON registers: the conv's taps outside its input channels (``taps_outer``) keep the
     innermost loop free of spills, as the linear's register tile is."""

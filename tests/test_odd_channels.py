@@ -101,7 +101,8 @@ def test_padded_blocks_with_every_epilogue_through_functional(out_channels: int,
 @needs_simd
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_odd_channels_per_group_keep_torchs_layout_and_match_torch(dtype: torch.dtype) -> None:
-    """A padded block would cross a group: 7 channels per group stay in torch's layout (row-vectorized)."""
+    """A padded block would cross a group: 7 channels per group stay in torch's layout, row-vectorized with
+    the group's 7 channels in one tile."""
     torch.manual_seed(1)
     ours = tl.Conv2d(6, 14, 3, padding=1, groups=2).to(dtype)
     reference = torch.nn.Conv2d(6, 14, 3, padding=1, groups=2).to(dtype)

@@ -1,5 +1,6 @@
-"""Convs whose channel counts are not multiples of a SIMD register (33, 65, 35, 100; groups of 13 -> 7): the
-shapes the default schedules must not lose badly on.  The first is the conv of torch's ``nn.Conv2d`` docs."""
+"""Convs whose channel counts are not multiples of a SIMD register (33, 65, 35, 100; groups of 13 -> 7 and
+50 -> 65): the shapes the default schedules must not lose badly on.  The first is the conv of torch's
+``nn.Conv2d`` docs."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ class OddChannels(nn.Module):
         self.wide = nn.Conv2d(33, 65, 3, padding=1)
         self.grouped = nn.Conv2d(65, 35, 3, padding=1, groups=5)  # 13 -> 7 channels per group
         self.pointwise = nn.Conv2d(35, 100, 1)
+        self.pair = nn.Conv2d(100, 130, 3, padding=1, groups=2)  # 50 -> 65 channels per group
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.pointwise(self.grouped(self.wide(self.docs(x))))
+        y = self.pair(self.pointwise(self.grouped(self.wide(self.docs(x)))))
         return y, self.rgb(x[:, :3])
 
 

@@ -77,11 +77,17 @@ def _column_stride(sch: Schedule) -> int:
 
 
 def _schedule(
-    sch: Schedule, limit: int, tunable: bool, vector_inner: str, taps_outer: bool, pad_per_row: bool = False
+    sch: Schedule,
+    limit: int,
+    tunable: bool,
+    vector_inner: str,
+    taps_outer: bool,
+    pad_per_row: bool = False,
+    channels: int = 1,
 ) -> Schedule:
     """Row tiles of the output in parallel; inside a tile the reduction runs outermost and the
     ``vector_inner`` dimension ("channel" block or output "column") is the SIMD vector.  A channel tile
-    holds ``vectors`` blocks of output channels, a column tile one (the block is 1 there).  The reduction
+    holds ``vectors`` blocks of output channels, a column tile ``channels`` (the block is 1 there).  The reduction
     runs over input channels, then kernel taps, or with ``taps_outer`` (``CpuConfig.taps_outer``) the other way
     round.  ``pad_per_row`` pads the input rows of each output row next to their use instead of the whole
     input first (a row-vectorized tile's rows per column tile where a whole row's would not fit on the
@@ -100,9 +106,11 @@ def _schedule(
     else:
         if tunable:
             column_factors = sch.sample_perfect_tile(x, n=2, max_innermost_factor=limit)
+            vector_factors = (
+                sch.sample_perfect_tile(oo, n=2, max_innermost_factor=channels) if channels > 1 else [None, 1]
+            )
         else:
-            column_factors = [None, _row_tile(out_width, limit)]
-        vector_factors = [None, 1]
+            column_factors, vector_factors = [None, _row_tile(out_width, limit)], [None, channels]
     xo, xi = sch.split(x, column_factors)
     ooo, ooi = sch.split(oo, vector_factors)
     if pad_per_row and vector_inner == "channel":
@@ -122,6 +130,8 @@ def _schedule(
         sch.unroll(loops["column"])
     else:
         sch.reorder(*reduction, loops["blocks"], loops["channel"], loops["column"])
+        if channels > 1:
+            sch.unroll(loops["blocks"])
     sch.vectorize(loops[vector_inner])
     # the NCHW write-back stores a tile's columns as one vector per channel (5% on ResNet's conv1, whose
     # short reduction makes the write-back a fifth of the work)
@@ -154,6 +164,9 @@ class CpuConv2dBlocked:
         return _schedule(sch, config.conv_accumulator_limit, tunable, "channel", config.taps_outer, pad_per_row)
 
 
+MIN_CHANNEL_TILE = 4  # fewer output channels per column tile reuse too little (see CpuConv2dSpatial)
+
+
 class CpuConv2dSpatial:
     name = "cpu.conv2d_spatial"
 
@@ -166,6 +179,20 @@ class CpuConv2dSpatial:
         # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
         # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
         sch = Schedule(func)
-        strided_depthwise = int(func.params[1].shape[1]) == 1 and _column_stride(sch) > 1
+        out_channels, in_per_group = (int(d) for d in func.params[1].shape[:2])
+        depthwise = in_per_group == 1
+        strided_depthwise = depthwise and _column_stride(sch) > 1
         columns = lanes if strided_depthwise else config.row_vectors * lanes
+        # The output channels of a group (odd counts per group come here) read the same inputs: a few of them
+        # over one register of columns reuse each input vector.  Measured on znver4 against one channel over
+        # four registers: 66->130 3x3 groups=2 (13 of 65 per group) at 26x50 1.41 -> 0.70 ms (torch 0.76),
+        # 65->35 groups=5 (7 of 7) 0.62 -> 0.32 ms, 30->42 groups=6 (7 of 7) 0.17 -> 0.10 ms; tiles spanning
+        # groups of 3 were up to 2x slower, 2 channels (134 = 2 x 67) ran as one did, and a tile that does not
+        # divide the channels (a predicate in the unrolled loop) slower still.
+        # On armv7 each channel's broadcast weight takes one of its 16 registers too: 7 channels spilled.
+        limit = config.conv_accumulator_limit // 2 if config.taps_outer else config.conv_accumulator_limit
+        groups = int(func.params[0].shape[1]) // in_per_group
+        channels = 1 if depthwise else largest_divisor(out_channels // groups, limit)
+        if channels >= MIN_CHANNEL_TILE:
+            return _schedule(sch, lanes, tunable, "column", config.taps_outer, channels=channels)
         return _schedule(sch, columns, tunable, "column", config.taps_outer, pad_per_row=strided_depthwise)
