@@ -208,6 +208,7 @@ def test_corrupt_verdicts_are_reported_and_ignored(logs: Path, monkeypatch: pyte
     data["verdicts"]["1"] = {"neighbour:k:r": {**good, "candidate": "neighbour:k:r", "trace": payload}}
     data["verdicts"]["2"] = {"adopt:k:r": {**good, "candidate": "adopt:k:r", "adopted": "yes"}}
     data["verdicts"]["3"] = {"adopt:k:s": "not an object"}
+    data["verdicts"]["4"] = {"neighbour:k:t": {**good, "candidate": "neighbour:k:t"}}  # won, but with no trace
     path.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="corrupt adoption entry") as caught:
         verdicts = Verdicts(path.parent).all()

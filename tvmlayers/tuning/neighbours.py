@@ -26,7 +26,7 @@ from ..spec import KernelSpec
 from .apply import RecordError
 from .database import TuningRecord, workload_hash
 
-MAX_DISTANCE = 4.0  # e.g. twice the channels in and out and half the height and width; farther rarely wins
+MAX_DISTANCE = 4.0  # e.g. twice the channels in and out and half the height and width: what a build tries
 EPILOGUE_COST = 0.5  # a bias, activation or residual more or less: one write-back stage differs
 PADDING_COST = 1.0  # padding or none: a padding stage appears or goes
 
@@ -35,8 +35,7 @@ def op_class(spec: KernelSpec) -> tuple:
     """What two workloads must share for one's schedule to fit the other."""
     p = dict(spec.params)
     if spec.op == "conv2d":
-        out_channels, in_per_group = p["weight_shape"][:2]
-        groups = p["groups"]
+        in_per_group, groups = p["weight_shape"][1], p["groups"]
         kind = "dense" if groups == 1 else "depthwise" if in_per_group == 1 else "grouped"
         return ("conv2d", spec.dtype, tuple(p["weight_shape"][2:]), p["stride"], p["dilation"], kind, p["padding_mode"])
     if spec.op == "max_pool2d":

@@ -38,7 +38,7 @@ from ..targets import runs_here, target_key
 from .apply import RecordError
 from .database import TuningLog, TuningRecord, log_roots, workload_hash
 from .family import family_key, family_logs, log_cpu, log_target
-from .neighbours import nearest, refit_trace
+from .neighbours import distance, nearest, refit_trace
 from .record_check import trace_problem
 from .trial import Baseline, try_record
 from .verdicts import BorrowedRecord, Verdict, Verdicts, code_version
@@ -61,7 +61,7 @@ class Candidate:
     kind: str  # "adopt" or "neighbour"
     log: TuningLog  # where the record is
     record: TuningRecord
-    source: KernelSpec | None = None  # a neighbour: the workload the record was tuned for (on this target)
+    source: KernelSpec | None = None  # a neighbour: the workload the record was tuned for (on the log's target)
 
     @property
     def id(self) -> str:
@@ -87,7 +87,8 @@ def tuned_workloads(log: TuningLog) -> list[tuple[str, KernelSpec, TuningRecord]
             try:
                 op, shape, dtype, params = (spec_json[k] for k in ("op", "input_shape", "dtype", "params"))
                 spec = KernelSpec.make(op, tuple(shape), dtype, target, **params)
-            except (KeyError, TypeError, ValueError):
+                distance(spec, spec)  # an entry without the fields a distance reads is malformed
+            except (KeyError, TypeError, ValueError, IndexError):
                 continue
             if (best := log.best(shash)) is not None:
                 found.append((shash, spec, best))
@@ -100,18 +101,15 @@ def retarget(spec: KernelSpec, target: tvm.target.Target) -> KernelSpec:
     return KernelSpec.make(spec.op, spec.input_shape, spec.dtype, target, **dict(spec.params))
 
 
-def candidates(
-    spec: KernelSpec, workload: str, log_dir: str | Path | None = None, everything: bool = False
-) -> list[Candidate]:
-    """What may serve ``spec`` (workload hash ``workload``) after this target's own records, in the order they
-    are tried: the family's records of this workload, then re-fitted neighbours, nearest first.  Without
-    ``everything`` only those a build tries by itself: one of each kind."""
+def candidates(spec: KernelSpec, workload: str, log_dir: str | Path | None = None) -> list[Candidate]:
+    """What a build of ``spec`` (workload hash ``workload``) tries by itself after this target's own records,
+    in this order: the record of this workload in the first family log that has one, then the nearest
+    neighbour's, re-fitted."""
     steps = travel_steps()
     found: list[Candidate] = []
     family = family_logs(spec.target, log_dir)
     if "adopt" in steps:
-        adoptable = [Candidate("adopt", log, r) for log in family if (r := log.best(workload)) is not None]
-        found += adoptable if everything else adoptable[:1]
+        found += [Candidate("adopt", log, r) for log in family if (r := log.best(workload)) is not None][:1]
     if "neighbour" in steps:
         near: list[tuple[float, Candidate]] = []
         seen: set[str] = set()
@@ -124,7 +122,7 @@ def candidates(
                     seen.add(record.id)
                     near.append((dist, Candidate("neighbour", log, record, source)))
         near.sort(key=lambda pair: pair[0])
-        found += [c for _, c in (near if everything else near[:1])]
+        found += [c for _, c in near[:1]]
     return found
 
 

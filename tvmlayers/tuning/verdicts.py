@@ -76,6 +76,8 @@ def _parse(entry: object) -> Verdict:
     ):
         raise ValueError("not an adoption or neighbour verdict")
     trace = entry.get("trace")
+    if entry["adopted"] and entry["candidate"].startswith("neighbour:") and trace is None:
+        raise ValueError("an adopted neighbour without its re-fitted trace")
     if trace is not None and (refused := trace_problem(trace)) is not None:
         raise ValueError(f"its trace is refused by the allow-list of tuning-record instructions: {refused}")
     return Verdict(**{**entry, "speedup": float(speedup)})
