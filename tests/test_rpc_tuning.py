@@ -6,9 +6,15 @@ compute is asserted."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import shutil
+import signal
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,7 @@ import psutil
 import pytest
 import tvm
 from tvm import rpc
+from tvm.s_tir.meta_schedule.runner.rpc_runner import RPCRunnerFuture
 
 import tvmlayers.verify
 from conftest import conv3x3_spec
@@ -26,6 +33,7 @@ from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target, runs_here, target_key
 from tvmlayers.tuning.database import TuningLog, workload_hash
 from tvmlayers.tuning.devices import RPCDevice
+from tvmlayers.tuning.interrupt import Interrupt, InterruptibleRunnerFuture
 from tvmlayers.tuning.qemu_board import QemuBoard
 from tvmlayers.tuning.tuner import TaskResult, tune
 from tvmlayers.tuning.workloads import Workload, save_workloads
@@ -41,14 +49,22 @@ def _hash(spec: KernelSpec) -> str:
     return workload_hash(ops.prim_func(spec, schedules.weight_layout(spec)))
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
-def board() -> QemuBoard:
+def board() -> Iterator[QemuBoard]:
+    """The emulated board; stopping it must end every process it started (qemu, TVM's workers, sessions)."""
     with QemuBoard(KEY) as board:
         started = [psutil.Process(p.pid) for p in board.processes.values()]
         yield board
         family = [*started, *(c for p in started for c in p.children(recursive=True))]
-    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"the qemu board left processes running: {[p.cmdline()[:3] for p in alive]}"
+    alive = [p.pid for p in family if _running(p)]
+    assert not alive, f"the qemu board left processes running: {alive}"
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +186,20 @@ def test_a_target_of_another_architecture_is_tuned_over_rpc_only(tmp_path: Path)
     with pytest.raises(RuntimeError, match=f"no RPC tracker answers at {nobody}"):
         tune([CONV], KEY, trials=1, log_dir=tmp_path, rpc_tracker=nobody, rpc_key=KEY)
     assert not (tmp_path / target_key(RASP4B)).exists(), "nothing was written"
+
+
+def test_ctrl_c_stops_the_wait_for_a_remote_measurement() -> None:
+    # MetaSchedule's C++ waits in a runner future's result(); an RPC measurement takes seconds on a board
+    measurement = concurrent.futures.Future()
+    threading.Timer(10, measurement.set_result, ([1e-3],)).start()  # a measurement that takes 10 s
+    interrupt = Interrupt()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive run
+    try:
+        # Ctrl-C after half a second: a signal to the process, which the main thread receives
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), interrupt.catching():
+            InterruptibleRunnerFuture(RPCRunnerFuture(measurement, timeout_sec=60), interrupt).result()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - start < 5, "raised while waiting, not once the measurement ended"
