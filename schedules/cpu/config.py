@@ -46,7 +46,8 @@ class CpuConfig:
     # on armv7 four registers plus the 3x3 taps' inputs spilled (llvm-mca, Cortex-A72, depthwise 3x3 at
     # 56x56: 0.38 vector FMAs per cycle, 37 stack accesses per iteration; two registers: 0.66, 3).
     row_vectors: int = 4
-    # The width the FMA units compute at once, where narrower than a register (``X86_FMA_BITS``).
+    # The width the FMA units (and the other vector units) compute at once, where narrower than a register
+    # (``X86_FMA_BITS``).
     fma_bits: int | None = None
 
     def vector_lanes(self, dtype: str) -> int:

@@ -177,12 +177,15 @@ class CpuConv2dSpatial:
         lanes = config.vector_lanes(input_dtype(func))
         # A strided depthwise conv reads every other input column: vectors of output columns gather.
         # One register of columns, reading rows padded just before (still in L1), measured 2-5x faster
-        # than four registers reading the whole padded input (MobileNetV2's stride-2 layers).
+        # than four registers reading the whole padded input (MobileNetV2's stride-2 layers); on Zen 4 half a
+        # register, the width its vector units compute at once: 8 columns ran 2.1x faster than 16 on 112x112
+        # and 224x224 inputs, within 5% on 56x56 and smaller ones (znver4, float32; float64's 4 against 8
+        # columns: 0.8-1.25x, all 60x faster than torch's float64).
         sch = Schedule(func)
         out_channels, in_per_group = (int(d) for d in func.params[1].shape[:2])
         depthwise = in_per_group == 1
         strided_depthwise = depthwise and _column_stride(sch) > 1
-        columns = lanes if strided_depthwise else config.row_vectors * lanes
+        columns = config.fma_lanes(input_dtype(func)) if strided_depthwise else config.row_vectors * lanes
         # The output channels of a group (odd counts per group come here) read the same inputs: a few of them
         # over one register of columns reuse each input vector.  Measured on znver4 against one channel over
         # four registers: 66->130 3x3 groups=2 (13 of 65 per group) at 26x50 1.41 -> 0.70 ms (torch 0.76),
