@@ -242,5 +242,11 @@ def test_logs_ls_and_adopt(logs: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert cli.main(["logs", "ls", "--log-dir", str(logs)]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if CONV.describe() in line and "none" not in line]
     assert "here: adopted, " in row or "here: declined: " in row
+    verdicts = logs / target_key(HOST) / TRAVEL_FILE
+    judged = verdicts.stat().st_mtime_ns
+    adopt = ["logs", "adopt", "--from", target_key(SIBLING), "--log-dir", str(logs)]
+    assert cli.main(adopt) == 0 and verdicts.stat().st_mtime_ns == judged, "judged once"
+    assert cli.main([*adopt, "--again"]) == 0 and verdicts.stat().st_mtime_ns > judged
+    capsys.readouterr()
     assert cli.main(["logs", "adopt", "--from", "llvm-no-such-cpu", "--log-dir", str(logs)]) == 2
     assert "no tuning log 'llvm-no-such-cpu'" in capsys.readouterr().err

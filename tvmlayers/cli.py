@@ -171,6 +171,7 @@ def _logs_adopt(args: argparse.Namespace) -> int:
         args.log_dir,
         on_start=lambda total: progress.append(BuildProgress(total)),
         on_done=lambda spec, verdict: progress[0].update(spec),
+        again=args.again,
     )
     if progress:
         progress[0].close()
@@ -369,6 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     adopt.add_argument("--from", dest="source", help="only the log of this target key (see `tvmlayers logs ls`)")
     adopt.add_argument("--log-dir", help="user log root (default: $TVMLAYERS_TUNING_LOGS or ~/.local/share/...)")
+    adopt.add_argument("--again", action="store_true", help="try records already judged here too (a quieter machine)")
     adopt.set_defaults(run=_logs_adopt)
     merge = logs_commands.add_parser(
         "merge", parents=[debug], help="merge log roots, keeping the best record per workload"

@@ -40,9 +40,10 @@ from .database import TuningLog, TuningRecord, log_roots, workload_hash
 from .family import family_key, family_logs, log_cpu, log_target
 from .neighbours import distance, nearest, refit_trace
 from .record_check import trace_problem
-from .trial import Baseline, try_record
+from .trial import TIMING_S, Baseline, try_record
 from .verdicts import BorrowedRecord, Verdict, Verdicts, code_version
 
+ADOPT_TIMING_S = 2.0  # `tvmlayers logs adopt` is asked for: more rounds, a steadier verdict on a busy machine
 # Seconds one process spends on trials by itself (a model's first forward): beyond that, its layers wait for
 # the next process or `tvmlayers logs adopt`, so that a large untuned model's first call stays bearable.
 PROCESS_TRIALS_S = 30.0
@@ -167,10 +168,16 @@ def _borrowed(
 
 
 def judge(
-    spec: KernelSpec, layout: dict, workload: str, candidate: Candidate, verdicts: Verdicts, baseline: Baseline
+    spec: KernelSpec,
+    layout: dict,
+    workload: str,
+    candidate: Candidate,
+    verdicts: Verdicts,
+    baseline: Baseline,
+    timing_s: float = TIMING_S,
 ) -> Verdict:
-    """Try ``candidate`` for ``spec`` here (re-fitted first if a neighbour) against ``baseline`` and remember
-    the verdict."""
+    """Try ``candidate`` for ``spec`` here (re-fitted first if a neighbour) against ``baseline``, timing both
+    for about ``timing_s``, and remember the verdict."""
     trace = candidate.record.trace
     reason, speedup = "", 0.0
     if candidate.kind == "neighbour":
@@ -183,7 +190,7 @@ def judge(
             reason = str(wrong)
     if not reason:
         record = TuningRecord(candidate.log.directory, 0, workload, trace, 0.0, target_key(spec.target))
-        result = try_record(spec, layout, record, baseline)
+        result = try_record(spec, layout, record, baseline, timing_s)
         reason, speedup = result.reason, result.speedup
     verdict = Verdict(
         candidate=candidate.id,
@@ -213,10 +220,12 @@ def adopt_logs(
     log_dir: str | Path | None = None,
     on_done: Callable[[KernelSpec, Verdict], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    again: bool = False,
 ) -> list[tuple[KernelSpec, Verdict]]:
     """Try every record of the family's logs (only the log ``source``, a target key, if given) for this
-    target, where this target has no record of its own for that workload and no verdict yet; returns every
-    workload's verdict, the earlier ones included."""
+    target, where this target has no record of its own for that workload and no verdict yet (``again``: even
+    where it has one, e.g. after one made on a busy machine); returns every workload's verdict, the earlier
+    ones included.  Each candidate is timed for ``ADOPT_TIMING_S``, longer than a build's trials."""
     from .. import ops, schedules  # noqa: PLC0415 - only adoption builds workloads here
 
     if not runs_here(target):
@@ -247,9 +256,9 @@ def adopt_logs(
         on_start(len(todo))
     results = []
     for spec, layout, workload, candidate in todo:
-        verdict = verdicts.get(workload, candidate.id) or judge(
-            spec, layout, workload, candidate, verdicts, Baseline(spec, layout)
-        )
+        verdict = None if again else verdicts.get(workload, candidate.id)
+        if verdict is None:
+            verdict = judge(spec, layout, workload, candidate, verdicts, Baseline(spec, layout), ADOPT_TIMING_S)
         results.append((spec, verdict))
         if on_done is not None:
             on_done(spec, verdict)

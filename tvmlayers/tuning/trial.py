@@ -1,8 +1,9 @@
 """A candidate schedule against the default one on this machine: built for this target, checked against
 torch, then both kernels timed in turn (``time_evaluator`` samples, alternating; the ratios of the rounds).
 
-Short by design, since it may run inside a layer's first call: about ``TIMING_BUDGET_S`` of timing per
-candidate, samples of at least ``SAMPLE_S`` each, between ``MIN_ROUNDS`` and ``MAX_ROUNDS`` pairs of them.
+Short by design, since it may run inside a layer's first call: ``TIMING_S`` of timing per candidate (more
+when asked for, as ``tvmlayers logs adopt`` does), samples of at least ``SAMPLE_S`` each, at least
+``MIN_ROUNDS`` pairs of them.
 A candidate must beat the default by ``MIN_SPEEDUP`` in the median round, and ``QUARTILE_SPEEDUP`` in three
 rounds of four: a tie
 is noise (so is a median that a loaded machine's spikes made), and the default is the schedule every other
@@ -27,8 +28,8 @@ from .database import TuningRecord
 MIN_SPEEDUP = 1.05  # in the median round
 QUARTILE_SPEEDUP = 1.0  # in three rounds of four
 SAMPLE_S = 0.004
-TIMING_BUDGET_S = 0.6
-MIN_ROUNDS, MAX_ROUNDS = 5, 15
+TIMING_S = 0.6
+MIN_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,16 @@ class Baseline:
         return executable
 
 
-def try_record(spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline) -> TrialResult:
+def try_record(
+    spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline, timing_s: float = TIMING_S
+) -> TrialResult:
     """Compile ``record`` for ``spec`` (its target is this machine's), check it against torch, time it against
-    ``baseline``, the default schedule of ``spec``."""
+    ``baseline``, the default schedule of ``spec``, for about ``timing_s``."""
     try:
         candidate = compile_record(spec, layout, record)
     except RecordError as wrong:
         return TrialResult(0.0, str(wrong))
-    ratios = paired_ratios(spec, layout, baseline.executable, candidate)
+    ratios = paired_ratios(spec, layout, baseline.executable, candidate, timing_s)
     speedup, lower_quartile = statistics.median(ratios), statistics.quantiles(ratios, n=4)[0]
     if speedup < MIN_SPEEDUP:
         return TrialResult(speedup, f"{speedup:.2f}x of the default here, not the {MIN_SPEEDUP}x it must beat it by")
@@ -85,7 +88,11 @@ def try_record(spec: KernelSpec, layout: dict, record: TuningRecord, baseline: B
 
 
 def paired_ratios(
-    spec: KernelSpec, layout: dict, baseline: tvm.runtime.Executable, candidate: tvm.runtime.Executable
+    spec: KernelSpec,
+    layout: dict,
+    baseline: tvm.runtime.Executable,
+    candidate: tvm.runtime.Executable,
+    timing_s: float = TIMING_S,
 ) -> list[float]:
     """How many times faster ``candidate`` runs than ``baseline``, once per round: the ratio of their times,
     each round sampling both in turn (the order alternating), on the same random inputs.  A ratio of two
@@ -102,8 +109,8 @@ def paired_ratios(
     number = max(1, round(SAMPLE_S / max(once, 1e-9)))
     timers = [module.time_evaluator(ops.SYMBOL, device, number=number, repeat=1) for module in modules]
     ratios = []
-    deadline = time.monotonic() + TIMING_BUDGET_S
-    while len(ratios) < MIN_ROUNDS or (len(ratios) < MAX_ROUNDS and time.monotonic() < deadline):
+    deadline = time.monotonic() + timing_s
+    while len(ratios) < MIN_ROUNDS or time.monotonic() < deadline:
         order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
         seconds = {index: timers[index](*args).mean for index in order}
         ratios.append(seconds[0] / seconds[1])
