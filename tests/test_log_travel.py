@@ -101,7 +101,6 @@ def test_families_follow_the_vector_isa() -> None:
 def _any_speed_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever a trial measures here, a record that computes what torch does is adopted."""
     monkeypatch.setattr(trial, "MIN_SPEEDUP", 0.0)
-    monkeypatch.setattr(trial, "QUARTILE_SPEEDUP", 0.0)
 
 
 def test_a_record_of_another_cpu_is_adopted_once_per_machine(
