@@ -11,11 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import tvm.rpc
 
 import tvmlayers as tl
 from conftest import conv3x3_spec, conv_child_report, start_conv_child
@@ -298,6 +299,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _registered(port: int, key: str) -> bool:
+    tracker = tvm.rpc.connect_tracker("127.0.0.1", port)
+    try:
+        return any(info["key"] == f"server:{key}" for info in tracker.summary()["server_info"])
+    finally:
+        tracker.close()
+
+
+def _wait_until(ready: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
 def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
     tracker_port, server_port = _free_port(), _free_port()
     python = sys.executable
@@ -317,7 +341,7 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
     )
     server = None
     try:
-        time.sleep(3)
+        _wait_until(lambda: _listens(tracker_port), "the tracker listens")  # importing tvm can take long under load
         server = subprocess.Popen(
             [
                 python,
@@ -336,7 +360,7 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
             ],
             start_new_session=True,
         )
-        time.sleep(4)
+        _wait_until(lambda: _registered(tracker_port, "loopback"), "the server registers")
         assert tracker.poll() is None and server.poll() is None, "tracker and server are up"
         (result,) = tune(
             [CONV],
