@@ -20,7 +20,7 @@ from tvmlayers import cli, ops, schedules
 from tvmlayers.build import kernel_for
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target, target_json, target_key
-from tvmlayers.tuning import trial
+from tvmlayers.tuning import travel, trial
 from tvmlayers.tuning.apply import compile_record
 from tvmlayers.tuning.database import META_FILE, RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, workload_hash
 from tvmlayers.tuning.family import family_key
@@ -63,6 +63,13 @@ def _move_log(directory: Path, root: Path, target: tvm.target.Target) -> Path:
     meta = json.loads((moved / META_FILE).read_text())
     (moved / META_FILE).write_text(json.dumps({**meta, "target": target_json(target)}))
     return moved
+
+
+@pytest.fixture(autouse=True)
+def short_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials time a few rounds only: what they decide here is asserted only where the gap is wide."""
+    monkeypatch.setattr(trial, "TIMING_S", 0.1)
+    monkeypatch.setattr(travel, "ADOPT_TIMING_S", 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from .database import TuningLog, TuningRecord, log_roots, workload_hash
 from .family import family_key, family_logs, log_cpu, log_target
 from .neighbours import distance, nearest, refit_trace
 from .record_check import trace_problem
-from .trial import TIMING_S, Baseline, try_record
+from .trial import Baseline, try_record
 from .verdicts import BorrowedRecord, Verdict, Verdicts, code_version
 
 ADOPT_TIMING_S = 2.0  # `tvmlayers logs adopt` is asked for: more rounds, a steadier verdict on a busy machine
@@ -174,10 +174,10 @@ def judge(
     candidate: Candidate,
     verdicts: Verdicts,
     baseline: Baseline,
-    timing_s: float = TIMING_S,
+    timing_s: float | None = None,
 ) -> Verdict:
     """Try ``candidate`` for ``spec`` here (re-fitted first if a neighbour) against ``baseline``, timing both
-    for about ``timing_s``, and remember the verdict."""
+    for about ``timing_s`` (None: a build's ``trial.TIMING_S``), and remember the verdict."""
     trace = candidate.record.trace
     reason, speedup = "", 0.0
     if candidate.kind == "neighbour":

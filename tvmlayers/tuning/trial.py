@@ -68,10 +68,10 @@ class Baseline:
 
 
 def try_record(
-    spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline, timing_s: float = TIMING_S
+    spec: KernelSpec, layout: dict, record: TuningRecord, baseline: Baseline, timing_s: float | None = None
 ) -> TrialResult:
     """Compile ``record`` for ``spec`` (its target is this machine's), check it against torch, time it against
-    ``baseline``, the default schedule of ``spec``, for about ``timing_s``."""
+    ``baseline``, the default schedule of ``spec``, for about ``timing_s`` (None: ``TIMING_S``)."""
     try:
         candidate = compile_record(spec, layout, record)
     except RecordError as wrong:
@@ -89,7 +89,7 @@ def paired_ratios(
     layout: dict,
     baseline: tvm.runtime.Executable,
     candidate: tvm.runtime.Executable,
-    timing_s: float = TIMING_S,
+    timing_s: float | None = None,
 ) -> list[float]:
     """How many times faster ``candidate`` runs than ``baseline``, once per round: the ratio of their times,
     each round sampling both in turn (the order alternating), on the same random inputs.  A ratio of two
@@ -106,7 +106,7 @@ def paired_ratios(
     number = max(1, round(SAMPLE_S / max(once, 1e-9)))
     timers = [module.time_evaluator(ops.SYMBOL, device, number=number, repeat=1) for module in modules]
     ratios = []
-    deadline = time.monotonic() + timing_s
+    deadline = time.monotonic() + (TIMING_S if timing_s is None else timing_s)
     while len(ratios) < MIN_ROUNDS or time.monotonic() < deadline:
         order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
         seconds = {index: timers[index](*args).mean for index in order}
