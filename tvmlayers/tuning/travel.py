@@ -33,6 +33,7 @@ from pathlib import Path
 
 import tvm
 
+from .. import ops, schedules
 from ..spec import KernelSpec
 from ..targets import runs_here, target_key
 from .apply import RecordError
@@ -226,8 +227,6 @@ def adopt_logs(
     target, where this target has no record of its own for that workload and no verdict yet (``again``: even
     where it has one, e.g. after one made on a busy machine); returns every workload's verdict, the earlier
     ones included.  Each candidate is timed for ``ADOPT_TIMING_S``, longer than a build's trials."""
-    from .. import ops, schedules  # noqa: PLC0415 - only adoption builds workloads here
-
     if not runs_here(target):
         raise ValueError(f"records are adopted on the machine they run on; {target_key(target)} cannot run here")
     logs = family_logs(target, log_dir)
@@ -244,14 +243,14 @@ def adopt_logs(
     verdicts = Verdicts.for_target(target, log_dir)
     todo = []
     for log in logs:
-        for source_hash, source, record in tuned_workloads(log):
-            spec = retarget(source, target)
+        for tuned_hash, tuned_spec, record in tuned_workloads(log):
+            spec = retarget(tuned_spec, target)
             layout = schedules.weight_layout(spec)
             workload = workload_hash(ops.prim_func(spec, layout))
             if not any(o.best(workload) for o in own):
                 # another weight layout here makes the same call a workload of its own: re-fitted, as a neighbour
-                kind = "adopt" if workload == source_hash else "neighbour"
-                todo.append((spec, layout, workload, Candidate(kind, log, record, source)))
+                kind = "adopt" if workload == tuned_hash else "neighbour"
+                todo.append((spec, layout, workload, Candidate(kind, log, record, tuned_spec)))
     if on_start is not None:
         on_start(len(todo))
     results = []
