@@ -8,6 +8,10 @@ import weakref
 import torch
 from torch.nn import Parameter
 
+from .reference import block_out_channels
+
+__all__ = ["TrackedParameter", "block_out_channels", "packed_weight", "refresh_weights", "track_data_writes"]
+
 # id(weight) -> (weak reference to it, (version, data pointer, block), packed copy)
 _packed: dict[int, tuple[weakref.ref, tuple[int, int, int], torch.Tensor]] = {}
 _packed_lock = threading.Lock()
@@ -48,19 +52,6 @@ def track_data_writes(param: Parameter | None) -> None:
     ``refresh_weights`` after their ``.data`` writes."""
     if type(param) is Parameter:
         param.__class__ = TrackedParameter
-
-
-def block_out_channels(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """(O, *rest) -> (ceil(O / block), *rest, block): output channels blocked for one SIMD register, the
-    last block padded with zeros where ``block`` does not divide O (the kernel never writes those channels
-    out)."""
-    weight = weight.detach()
-    if block == 1:
-        return weight.contiguous().unsqueeze(-1)
-    if weight.shape[0] % block:
-        weight = torch.cat([weight, weight.new_zeros(-weight.shape[0] % block, *weight.shape[1:])])
-    blocked = weight.reshape(weight.shape[0] // block, block, *weight.shape[1:])
-    return blocked.movedim(1, -1).contiguous()
 
 
 def _forget(key: int) -> None:

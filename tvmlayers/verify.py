@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .layouts import block_out_channels
 from .ops import output_shapes
-from .ops.relu import spec_activation
+from .reference import kernel_arguments, layer_outputs, random_layer_inputs
 from .spec import KernelSpec
 
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
@@ -20,22 +17,8 @@ def random_inputs(
     spec: KernelSpec, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(input, weight in torch's layout or None, bias or None, residual or None) for one call of ``spec``."""
-    dtype = _TORCH_DTYPES[spec.dtype]
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    x = rand(*spec.input_shape)
-    weight = rand(*spec["weight_shape"]) if spec.op in ("conv2d", "linear") else None
-    bias = rand(spec["weight_shape"][0]) if weight is not None and spec["bias"] else None
-    residual = rand(*output_shapes(spec, {"weight_block": 1})[0]) if spec.get("residual", False) else None
-    return x, weight, bias, residual
-
-
-def _activation(out: torch.Tensor, params: dict) -> torch.Tensor:
-    """The activation a fused conv2d/linear spec applies, as torch's own op."""
-    activation = spec_activation(params)
-    return {"relu": F.relu, "relu6": F.relu6}[activation](out) if activation is not None else out
+    output_shape = output_shapes(spec, {"weight_block": 1})[0] if spec.get("residual", False) else None
+    return random_layer_inputs(spec.op, dict(spec.params), spec.input_shape, spec.dtype, output_shape, generator)
 
 
 def torch_reference(
@@ -47,31 +30,7 @@ def torch_reference(
 ) -> list[torch.Tensor]:
     """What torch computes for ``spec``, the way a torch user computes it (a fused spec: the layer, then
     ``+ residual``, then relu or relu6): the oracle of the correctness checks and the torch side of the benchmark."""
-    p = dict(spec.params)
-    if spec.op == "conv2d":
-        top, left, bottom, right = p["padding"]
-        if p["padding_mode"] == "zeros" and (top, left) == (bottom, right):
-            out = F.conv2d(x, weight, bias, p["stride"], (top, left), p["dilation"], p["groups"])
-        else:  # uneven ('same' with an even kernel) or non-zero padding: nn.Conv2d pads first, too
-            mode = {"zeros": "constant"}.get(p["padding_mode"], p["padding_mode"])
-            padded = F.pad(x, (left, right, top, bottom), mode=mode)
-            out = F.conv2d(padded, weight, bias, p["stride"], 0, p["dilation"], p["groups"])
-        out = out + residual if residual is not None else out
-        return [_activation(out, p)]
-    if spec.op == "max_pool2d":
-        out = F.max_pool2d(
-            x,
-            p["kernel_size"],
-            p["stride"],
-            p["padding"],
-            p["dilation"],
-            p["ceil_mode"],
-            return_indices=p["return_indices"],
-        )
-        return list(out) if p["return_indices"] else [out]
-    if spec.op == "linear":
-        return [_activation(F.linear(x, weight, bias), p)]
-    return [F.relu(x)]
+    return layer_outputs(spec.op, dict(spec.params), x, weight, bias, residual)
 
 
 def kernel_inputs(
@@ -84,14 +43,8 @@ def kernel_inputs(
 ) -> list[torch.Tensor]:
     """The kernel's input arguments: the input as its spec shapes it, the weight blocked, the bias, the
     residual (as the spec's batched output)."""
-    args = [x.contiguous().view(spec.input_shape)]
-    if weight is not None:
-        args.append(block_out_channels(weight, layout["weight_block"]))
-    if bias is not None:
-        args.append(bias)
-    if residual is not None:
-        args.append(residual.contiguous().view(output_shapes(spec, layout)[0]))
-    return args
+    output_shape = output_shapes(spec, layout)[0] if residual is not None else None
+    return kernel_arguments(spec.input_shape, layout["weight_block"], x, weight, bias, residual, output_shape)
 
 
 def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], seed: int = 0) -> str | None:
