@@ -14,12 +14,13 @@ from tvmlayers.spec import KernelSpec
 
 from .cpu import CpuFamily, cpu_config, is_simd_cpu
 from .generic import GenericFamily
+from .gpu import GpuFamily
 from .rule import RuleFamily, ScheduleRule
 
 __all__ = ["FAMILIES", "RuleFamily", "ScheduleRule", "default_schedule", "rules_for", "weight_layout"]
 
-# Most specific first: a target's own family, then the fallback every LLVM target has.
-FAMILIES: tuple[RuleFamily, ...] = (CpuFamily(), GenericFamily())
+# Most specific first: a target's own family, then the fallback every LLVM target has; CUDA targets have theirs.
+FAMILIES: tuple[RuleFamily, ...] = (CpuFamily(), GenericFamily(), GpuFamily())
 
 
 def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:

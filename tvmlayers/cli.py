@@ -11,20 +11,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cache import KernelCache
-from .targets import PRESETS, resolve_target, runs_here, target_arch, target_json, target_key, toolchain
+from .targets import PRESETS, resolve_target, runs_here, target_arch, target_json, target_key, toolchains
 
 
 def _targets(args: argparse.Namespace) -> int:
     for name, (description, _) in PRESETS.items():
-        target = resolve_target(name)
-        tools = toolchain(target)
-        installed = "installed" if tools.installed() else f"missing: apt-get install {' '.join(tools.packages)}"
-        where = "runs here" if runs_here(target) else f"{target_arch(target)}: tvmlayers compile, run.py on the device"
-        print(f"{name:10} {target_key(target)}")
-        print(f"           {description}")
-        print(f"           toolchain {tools.compiler} ({installed}); {where}")
+        try:
+            target = resolve_target(name)
+        except ValueError as err:  # "cuda" without a GPU: it names the GPU presets instead
+            print(f"{name:11} (not here: {err})")
+            print(f"            {description}")
+            continue
+        tools = []
+        for tool in toolchains(target):
+            missing = f"missing: apt-get install {' '.join(tool.packages)}"
+            tools.append(f"{tool.compiler} ({'installed' if tool.installed() else missing})")
+        if runs_here(target):
+            where = "runs here"
+        elif target.kind.name == "cuda":
+            where = f"no {target.attrs['arch']} GPU here: tvmlayers compile, run.py on the GPU machine"
+        else:
+            where = f"{target_arch(target)}: tvmlayers compile, run.py on the device"
+        print(f"{name:11} {target_key(target)}")
+        print(f"            {description}")
+        print(f"            toolchain {' + '.join(tools)}; {where}")
         if args.verbose:
-            print(f"           {json.dumps(target_json(target))}")
+            print(f"            {json.dumps(target_json(target))}")
     print("\nAlso accepted: any TVM target tag (e.g. raspberry-pi/4b-aarch64), a target dict, or a tvm.target.Target.")
     return 0
 

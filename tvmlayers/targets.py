@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from functools import cache
@@ -42,6 +43,71 @@ def _preset(mtriple: str, **attrs: Any) -> Any:
 
 _NEON = ["+neon"]  # armv8-a has NEON; naming it keeps the key and the schedules explicit about it
 
+# What every NVIDIA GPU since Volta offers one thread block, as TVM's cuda target kind names it (its tags
+# "nvidia/nvidia-a100", "nvidia/nvidia-h100", "nvidia/jetson-agx-orin-64gb" carry the same values):
+# MetaSchedule and our GPU rules read these to bound threads, shared memory and registers per block.  48 KiB is
+# the limit of *static* shared memory (the kernels TVM writes declare it statically; more needs an opt-in).
+_CUDA_BLOCK_LIMITS = {
+    "max_threads_per_block": 1024,
+    "max_num_threads": 1024,
+    "thread_warp_size": 32,
+    "max_shared_memory_per_block": 48 << 10,
+    "registers_per_block": 64 << 10,
+}
+# Host code (argument checks, the kernel launches) for a PC or server; no -mcpu: it must load on any x86_64 CPU.
+_X86_64_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+# The Jetson AGX Orin's CPU cluster (TVM's tag "nvidia/jetson-agx-orin-64gb": 12 Cortex-A78AE cores)
+_ORIN_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": _NEON, "num-cores": 12}
+
+
+def _cuda_target(arch: str, host: dict, **attrs: Any) -> dict:
+    return {"kind": "cuda", "arch": arch, **_CUDA_BLOCK_LIMITS, **attrs, "host": dict(host)}
+
+
+def _cuda_preset(arch: str, host: dict = _X86_64_HOST, **attrs: Any) -> Any:
+    return lambda: _cuda_target(arch, host, **attrs)
+
+
+def _cuda_arch(target: tvm.target.Target) -> tuple[int, int] | None:
+    """The compute capability a CUDA target's ``arch`` names (``sm_90``, ``sm_90a`` -> (9, 0))."""
+    match = re.fullmatch(r"sm_(\d+?)(\d)[af]?", str(target.attrs.get("arch", "")))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _local_gpu_capability() -> tuple[int, int] | None:
+    """The compute capability of the GPU torch sees (its current device), None without one."""
+    try:
+        import torch  # noqa: PLC0415 - torch is slow to import and only the cuda preset needs it
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+    except Exception:  # noqa: BLE001 - a broken driver or CUDA build reads as "no GPU", never a crash
+        return None
+    return int(major), int(minor)
+
+
+def _local_cuda_target() -> dict:
+    """The preset of the local GPU's architecture (``cuda`` on an H100 is ``sm_90``: the same kernels, cache
+    keys and tuning logs), with this machine's CPU as host (a Jetson: ``jetson-orin``)."""
+    capability = _local_gpu_capability()
+    if capability is None:
+        raise ValueError(
+            "target 'cuda' means the GPU of this machine, and torch sees none (torch.cuda.is_available() is "
+            f"False): name the GPU's architecture instead, one of {', '.join(CUDA_PRESETS)} (e.g. "
+            "`tvmlayers compile --target sm_90` compiles for an H100 without one)"
+        )
+    arch, host = f"sm_{capability[0]}{capability[1]}", f"{host_arch()}-linux-gnu"
+    for name in CUDA_PRESETS:
+        preset = PRESETS[name][1]()
+        if preset["arch"] == arch and preset["host"]["mtriple"] == host:
+            return preset
+    return _cuda_target(arch, {"kind": "llvm", "mtriple": host})
+
+
+# The presets of named GPU architectures (not "cuda", which stands for one of them or the local GPU's)
+CUDA_PRESETS = ("sm_80", "sm_86", "sm_89", "sm_90", "jetson-orin")
+
 # name -> (description, factory of the target dict)
 PRESETS: dict[str, tuple[str, Any]] = {
     "host": ("the CPU of this machine (its triple, -mcpu from LLVM's host detection)", _host_target),
@@ -70,6 +136,16 @@ PRESETS: dict[str, tuple[str, Any]] = {
         "another x86_64 machine with AVX2 and FMA (Haswell and later)",
         _preset("x86_64-linux-gnu", mcpu="haswell"),
     ),
+    "cuda": ("the NVIDIA GPU of this machine (the sm_XX preset of its compute capability)", _local_cuda_target),
+    # L2 sizes from TVM's tags / NVIDIA's data sheets, where one preset names one chip
+    "sm_80": ("NVIDIA Ampere A100 (sm_80), x86_64 host", _cuda_preset("sm_80", l2_cache_size_bytes=40 << 20)),
+    "sm_86": ("NVIDIA Ampere RTX 30xx, A10, A40 (sm_86), x86_64 host", _cuda_preset("sm_86")),
+    "sm_89": ("NVIDIA Ada L4, L40, RTX 40xx (sm_89), x86_64 host", _cuda_preset("sm_89")),
+    "sm_90": ("NVIDIA Hopper H100, H200 (sm_90), x86_64 host", _cuda_preset("sm_90", l2_cache_size_bytes=50 << 20)),
+    "jetson-orin": (
+        "NVIDIA Jetson AGX Orin / Orin NX / Orin Nano (sm_87), aarch64 Cortex-A78 host",
+        _cuda_preset("sm_87", _ORIN_HOST, l2_cache_size_bytes=4 << 20),
+    ),
 }
 
 # platform.machine() and LLVM triple spellings -> our architecture names
@@ -92,8 +168,11 @@ def target_arch(target: tvm.target.Target) -> str:
 def runs_here(target: tvm.target.Target) -> bool:
     """Whether this process can load and call kernels compiled for ``target``: the same architecture as this
     host, and no instruction set extension this CPU lacks (``x86-avx512`` on an AVX2 machine would die on an
-    illegal instruction).  Kernels for other targets are checked where they run: a board, an RPC device, or
-    qemu in tests."""
+    illegal instruction); for a CUDA target, a GPU that torch sees whose compute capability is the target's
+    ``arch`` (never an error: no GPU, no driver -> False).  Kernels for other targets are checked where they
+    run: a board, a GPU machine, an RPC device, or qemu in tests."""
+    if target.kind.name == "cuda":
+        return target_arch(target) == host_arch() and _cuda_arch(target) == _local_gpu_capability()
     return target_arch(target) == host_arch() and not missing_features(target)
 
 
@@ -144,6 +223,16 @@ CROSS_TOOLCHAINS = {
     "arm": ("arm-linux-gnueabihf-gcc", ("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross")),
     "x86_64": ("x86_64-linux-gnu-gcc", ("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross")),
 }
+
+
+# nvcc compiles a CUDA target's kernels to device code; Debian's (non-free) package of the CUDA toolkit has it
+NVCC = Toolchain("nvcc", ("nvidia-cuda-toolkit",))
+
+
+def toolchains(target: tvm.target.Target) -> list[Toolchain]:
+    """Every compiler a target's library needs: the linker of its host code (:func:`toolchain`), and for a CUDA
+    target first nvcc."""
+    return ([NVCC] if target.kind.name == "cuda" else []) + [toolchain(target)]
 
 
 def toolchain(target: tvm.target.Target) -> Toolchain:
@@ -205,8 +294,13 @@ def _plain(value: Any) -> Any:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """A short, filesystem-safe name of the code-generation target, e.g. ``llvm-x86_64-linux-gnu-icelake-server``."""
+    """A short, filesystem-safe name of the code-generation target, e.g. ``llvm-x86_64-linux-gnu-icelake-server``;
+    a CUDA target is its architecture, with the host's where that is not x86_64 (``cuda-sm_90``,
+    ``cuda-sm_87-aarch64``): the host code is part of the library."""
     attrs = target.attrs
+    if target.kind.name == "cuda":
+        host = target_arch(target)
+        return f"cuda-{attrs.get('arch', 'generic')}" + ("" if host == "x86_64" else f"-{host}")
     parts = [target.kind.name]
     for name in ("mtriple", "mcpu", "arch"):
         if name in attrs and str(attrs[name]):
