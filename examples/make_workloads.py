@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 import tvmlayers as tl
-from tvmlayers.tuning.extract import extract_workloads
-from tvmlayers.tuning.workloads import save_workloads
+from tvmlayers.extract import extract_workloads
+from tvmlayers.workloads import save_workloads
 
 HERE = Path(__file__).resolve().parent
 

@@ -25,7 +25,7 @@ from tvmlayers.targets import resolve_target
 # kernel of older code; tests about building and caching use their own empty directories.
 os.environ.setdefault("TVMLAYERS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels"))
 # The user's tuning logs stay out of the tests, and the verdicts of the tests' first builds on records of other
-# CPUs and on neighbours (tvmlayers.tuning.travel) out of the user's logs.
+# CPUs and on neighbours (tvmlayers.records.travel) out of the user's logs.
 os.environ.setdefault("TVMLAYERS_TUNING_LOGS", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "logs"))
 
 # Every process this test process starts, and theirs, inherit this mark: the popen workers that TVM's process

@@ -20,7 +20,7 @@ from tvmlayers.bundle import compile_bundle
 from tvmlayers.bundle_harness import check_bundle
 from tvmlayers.emulation import ensure_arm_environment
 from tvmlayers.targets import resolve_target
-from tvmlayers.tuning.workloads import Workload
+from tvmlayers.workloads import Workload
 
 
 def _conv(shape, weight, *, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, mode="zeros", **extra):

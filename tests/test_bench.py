@@ -13,7 +13,7 @@ from tvmlayers.benchmark import BenchReport, bench, bench_spec, settled_and_alte
 from tvmlayers.cli import main
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
-from tvmlayers.tuning.workloads import Workload, save_workloads
+from tvmlayers.workloads import Workload, save_workloads
 
 HOST = resolve_target("host")
 SPECS = [

@@ -25,7 +25,7 @@ from tvmlayers.cli import main
 from tvmlayers.formats import BUNDLE_FORMAT
 from tvmlayers.model_bench import randomize_batchnorm
 from tvmlayers.targets import host_arch, resolve_target
-from tvmlayers.tuning.workloads import Workload
+from tvmlayers.workloads import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_CNN = ROOT / "examples" / "models" / "small_cnn.py"

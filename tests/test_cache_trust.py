@@ -21,9 +21,9 @@ from tvmlayers.build import kernel_for
 from tvmlayers.cache import KernelCache
 from tvmlayers.formats import canonical_json
 from tvmlayers.private_dirs import UntrustedPathError
+from tvmlayers.records.database import RECORD_FILE, WORKLOAD_FILE, TuningLog, merge_logs
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import target_json, target_key
-from tvmlayers.tuning.database import RECORD_FILE, WORKLOAD_FILE, TuningLog, merge_logs
 
 SIZE = 4096
 SPEC = KernelSpec.make("relu", (SIZE,), "float32", HOST)

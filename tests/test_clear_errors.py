@@ -23,11 +23,11 @@ import tvmlayers.functional as F
 from conftest import HOST, conv3x3_spec, popen_workers
 from tvmlayers import layer_specs
 from tvmlayers.cli import main
+from tvmlayers.records.database import RECORD_FILE, TuningLog
 from tvmlayers.spec import KernelSpec
-from tvmlayers.tuning.database import RECORD_FILE, TuningLog
 from tvmlayers.tuning.pools import close_pool
 from tvmlayers.tuning.tuner import tune
-from tvmlayers.tuning.workloads import Workload, load_workloads, save_workloads
+from tvmlayers.workloads import Workload, load_workloads, save_workloads
 
 LIMIT = "2,147,483,647"
 

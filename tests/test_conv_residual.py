@@ -18,14 +18,14 @@ import tvmlayers.functional as tf
 from conftest import HOST, assert_matches_torch, torch_conv2d
 from tvmlayers import ops, schedules
 from tvmlayers.benchmark import bench_spec
+from tvmlayers.extract import extract_workloads
+from tvmlayers.records.database import shipped_log_root, workload_hash
 from tvmlayers.schedules.cpu import CpuConv2dBlocked, CpuConv2dSpatial
 from tvmlayers.schedules.generic import GenericParallel
 from tvmlayers.spec import KernelSpec
-from tvmlayers.tuning.database import shipped_log_root, workload_hash
-from tvmlayers.tuning.extract import extract_workloads
 from tvmlayers.tuning.tuner import tune
-from tvmlayers.tuning.workloads import format_workloads, load_workloads
 from tvmlayers.verify import check_kernel
+from tvmlayers.workloads import format_workloads, load_workloads
 
 # (input shape, weight shape, keyword arguments of tl.functional.conv2d); "no bias" in the name drops the bias,
 # "shortcut" makes the residual ResNet's downsampling 1x1 stride-2 conv of the input, as a block's is

@@ -18,16 +18,16 @@ import tvmlayers as tl
 from conftest import conv3x3_spec, conv_child_report, start_conv_child
 from tvmlayers import cli, ops, schedules
 from tvmlayers.build import kernel_for
+from tvmlayers.records import travel, trial
+from tvmlayers.records.apply import compile_record
+from tvmlayers.records.database import META_FILE, RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, workload_hash
+from tvmlayers.records.family import family_key
+from tvmlayers.records.neighbours import distance, refit_tile, refit_trace
+from tvmlayers.records.travel import retarget
+from tvmlayers.records.verdicts import TRAVEL_FILE, Verdicts
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target, target_json, target_key
-from tvmlayers.tuning import travel, trial
-from tvmlayers.tuning.apply import compile_record
-from tvmlayers.tuning.database import META_FILE, RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, workload_hash
-from tvmlayers.tuning.family import family_key
-from tvmlayers.tuning.neighbours import distance, refit_tile, refit_trace
-from tvmlayers.tuning.travel import retarget
 from tvmlayers.tuning.tuner import tune
-from tvmlayers.tuning.verdicts import TRAVEL_FILE, Verdicts
 from tvmlayers.verify import check_kernel
 
 HOST = resolve_target("host")

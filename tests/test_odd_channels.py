@@ -20,7 +20,7 @@ from tvmlayers.layouts import block_out_channels
 from tvmlayers.schedules import weight_layout
 from tvmlayers.schedules.cpu import CpuConv2dBlocked, is_simd_cpu
 from tvmlayers.spec import KernelSpec
-from tvmlayers.tuning.workloads import load_workloads
+from tvmlayers.workloads import load_workloads
 
 WORKLOADS = Path(__file__).resolve().parent.parent / "examples" / "workloads" / "odd_channels.toml"
 DTYPES = [torch.float32, torch.float64]

@@ -21,9 +21,8 @@ from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from conftest import HOST, conv3x3_spec, conv_child_report, start_conv_child
 from tvmlayers import build, cli, ops, schedules
-from tvmlayers.spec import KernelSpec
-from tvmlayers.tuning.apply import RecordError, compile_record
-from tvmlayers.tuning.database import (
+from tvmlayers.records.apply import RecordError, compile_record
+from tvmlayers.records.database import (
     META_FILE,
     RECORD_FILE,
     WORKLOAD_FILE,
@@ -32,8 +31,9 @@ from tvmlayers.tuning.database import (
     shipped_log_root,
     workload_hash,
 )
+from tvmlayers.records.record_check import check_trace, trace_problem
+from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.fast_import import import_tensor_intrin
-from tvmlayers.tuning.record_check import check_trace, trace_problem
 from tvmlayers.tuning.tuner import _space
 from tvmlayers.verify import check_kernel
 

@@ -21,12 +21,12 @@ from conftest import HOST, assert_close_scaled, torch_conv2d
 from tvmlayers import ops, schedules
 from tvmlayers.benchmark import _label
 from tvmlayers.convert import convert_modules
+from tvmlayers.extract import extract_workloads
 from tvmlayers.layer_specs import conv2d_spec, workload_spec
 from tvmlayers.model_bench import randomize_batchnorm
+from tvmlayers.records.database import shipped_log_root, workload_hash
 from tvmlayers.spec import KernelSpec
-from tvmlayers.tuning.database import shipped_log_root, workload_hash
-from tvmlayers.tuning.extract import extract_workloads
-from tvmlayers.tuning.workloads import format_workloads, load_workloads
+from tvmlayers.workloads import format_workloads, load_workloads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "models"))
 import mobilenetv2  # noqa: E402

@@ -29,14 +29,14 @@ from conftest import conv3x3_spec
 from tvmlayers import ops, schedules
 from tvmlayers.bundle import compile_bundle
 from tvmlayers.cli import main
+from tvmlayers.records.database import TuningLog, workload_hash
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target, runs_here, target_key
-from tvmlayers.tuning.database import TuningLog, workload_hash
 from tvmlayers.tuning.devices import RPCDevice
 from tvmlayers.tuning.interrupt import Interrupt, InterruptibleRunnerFuture
 from tvmlayers.tuning.qemu_board import QemuBoard
 from tvmlayers.tuning.tuner import TaskResult, tune
-from tvmlayers.tuning.workloads import Workload, save_workloads
+from tvmlayers.workloads import Workload, save_workloads
 
 RASP4B = resolve_target("rasp4b")
 KEY = "rasp4b"

@@ -21,15 +21,15 @@ import tvm.rpc
 import tvmlayers as tl
 from conftest import conv3x3_spec, conv_child_report, start_conv_child
 from tvmlayers import ops, schedules
-from tvmlayers.build import code_fingerprint
+from tvmlayers.fingerprint import code_fingerprint
 from tvmlayers.locks import file_lock
+from tvmlayers.records.database import RECORD_FILE, TuningLog, merge_logs, workload_hash
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
-from tvmlayers.tuning.database import RECORD_FILE, TuningLog, merge_logs, workload_hash
 from tvmlayers.tuning.interrupt import Interrupt, InterruptCallback
 from tvmlayers.tuning.tuner import tune
-from tvmlayers.tuning.workloads import Workload, format_workloads, load_workloads, save_workloads
 from tvmlayers.verify import check_kernel
+from tvmlayers.workloads import Workload, format_workloads, load_workloads, save_workloads
 
 HOST = resolve_target("host")
 # The tiny conv every tuning test uses: small enough that a build and a run take well under a second.
@@ -272,7 +272,7 @@ def test_workload_file_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_extract_workloads_counts_repeated_calls() -> None:
-    from tvmlayers.tuning.extract import extract_workloads
+    from tvmlayers.extract import extract_workloads
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),

@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 # Tuning pulls in MetaSchedule's Python side; load it on first use, not on `import tvmlayers`.
 _LAZY = {
     "tune": "tvmlayers.tuning.tuner",
-    "extract_workloads": "tvmlayers.tuning.extract",
-    "load_workloads": "tvmlayers.tuning.workloads",
-    "save_workloads": "tvmlayers.tuning.workloads",
-    "Workload": "tvmlayers.tuning.workloads",
+    "extract_workloads": "tvmlayers.extract",
+    "load_workloads": "tvmlayers.workloads",
+    "save_workloads": "tvmlayers.workloads",
+    "Workload": "tvmlayers.workloads",
     "bench": "tvmlayers.benchmark",
     "precompile": "tvmlayers.aot",
     "PrecompileReport": "tvmlayers.aot",

@@ -31,9 +31,9 @@ from torch._subclasses import FakeTensorMode
 from torch.utils._pytree import tree_map_only
 
 from .build import is_cached, kernel_for
+from .progress import clock
 from .spec import KernelSpec
 from .torch_ops import recorded_specs
-from .tuning.progress import _clock
 
 __all__ = ["BuildRecord", "PrecompileReport", "needed_specs", "precompile"]
 
@@ -125,7 +125,7 @@ class BuildProgress:
         workers = f", {self.workers} workers" if self.workers > 1 else ""
         self.stream.write(
             f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} kernels{workers}"
-            f"{last} | elapsed {_clock(elapsed)}, ETA {_clock(eta)}\x1b[K"
+            f"{last} | elapsed {clock(elapsed)}, ETA {clock(eta)}\x1b[K"
         )
         self.stream.flush()
 

@@ -29,8 +29,8 @@ from .ops.relu import ACTIVATIONS, spec_activation
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
-from .tuning.workloads import Workload, load_workloads
 from .verify import kernel_inputs, random_inputs, torch_reference
+from .workloads import Workload, load_workloads
 
 
 @dataclass

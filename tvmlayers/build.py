@@ -8,11 +8,9 @@ which, so tuning later never leaves a stale default kernel in use.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import warnings
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +18,17 @@ import tvm
 
 from . import ops, schedules
 from .cache import KernelCache
+from .fingerprint import code_fingerprint
 from .formats import kernel_key
 from .kernel import Kernel
+from .records.apply import RecordError, compile_record
+from .records.database import TuningLog, TuningRecord, log_roots, workload_hash
+from .records.travel import borrowed_record, untried
+from .records.trial import compiled_in_trial
+from .records.untuned import note_untuned
+from .records.verdicts import Verdicts
 from .spec import KernelSpec
 from .targets import host_arch, missing_features, runs_here, target_arch, target_key
-from .tuning.apply import RecordError, compile_record
-from .tuning.database import TuningLog, TuningRecord, log_roots, workload_hash
-from .tuning.travel import borrowed_record, untried
-from .tuning.trial import compiled_in_trial
-from .tuning.untuned import note_untuned
-from .tuning.verdicts import Verdicts
 
 _memo: dict[tuple, Kernel] = {}
 _memo_lock = threading.Lock()
@@ -37,24 +36,12 @@ _warned_untuned = False
 _warned_logs = False
 
 
-@cache
-def code_fingerprint() -> str:
-    """Hash of the op definitions and schedules: editing either must never reuse an old binary."""
-    digest = hashlib.sha256()
-    for package in (ops, schedules):
-        root = Path(package.__file__).parent
-        for source in sorted(root.rglob("*.py")):
-            digest.update(source.relative_to(root).as_posix().encode())
-            digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _tuned_record(
     spec: KernelSpec, layout: dict, trials: bool = False
 ) -> tuple[TuningLog | Verdicts, TuningRecord] | None:
     """The fastest non-rejected record for this workload and target, searching the user's logs first; else
     a record of another CPU of the family or a neighbour's, adopted on this machine (``trials``: trying
-    those not yet judged here, as the first build of a kernel does; see :mod:`tvmlayers.tuning.travel`)."""
+    those not yet judged here, as the first build of a kernel does; see :mod:`tvmlayers.records.travel`)."""
     global _warned_logs
     hash_ = workload_hash(ops.prim_func(spec, layout))
     try:
@@ -77,7 +64,7 @@ def _tuned_record(
 def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord | None, fcompile: Any = None) -> dict:
     """Schedule and compile ``spec``, export the library to ``so_path`` (linked by ``fcompile``, e.g. a cross
     compiler; None: the system's); returns the manifest fields."""
-    # the trials of records of other CPUs or neighbours (tuning.travel) may have compiled this kernel already
+    # the trials of records of other CPUs or neighbours (records.travel) may have compiled this kernel already
     executable = compiled_in_trial(spec, record.id if record is not None else None)
     if record is None:
         sch, rule = schedules.default_schedule(ops.prim_func(spec, layout), spec.target)

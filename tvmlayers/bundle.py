@@ -31,12 +31,13 @@ from . import __version__, bundle_run
 from .aot import BuildProgress, needed_specs
 from .build import compile_library
 from .convert import convert
+from .extract import recording_layer_calls
 from .formats import BUNDLE_FORMAT
+from .nvcc import cuda_arch, require_nvcc
 from .spec import KernelSpec
 from .targets import PRESETS, TargetLike, resolve_target, target_arch, target_json, target_key, toolchain
-from .tuning.extract import recording_layer_calls
-from .tuning.workloads import Workload, load_workloads
 from .verify import TOLERANCE, kernel_inputs, random_inputs, torch_reference
+from .workloads import Workload, load_workloads
 
 __all__ = ["compile_bundle", "model_layers"]
 
@@ -109,14 +110,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np.ndarray]) -> dict:
+def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np.ndarray], references: bool) -> dict:
     spec = call.spec
 
     def tensors(prefix: str) -> list[dict]:
         found = sorted((k for k in arrays if k.startswith(prefix)), key=lambda k: int(k[len(prefix) :]))
         return [{"shape": list(arrays[k].shape), "dtype": str(arrays[k].dtype)} for k in found]
 
-    return {
+    entry = {
         "name": name,
         "layer": spec.op,
         "describe": spec.describe(),
@@ -127,9 +128,12 @@ def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np
         "schedule": fields["provenance"],
         "symbol": fields["symbol"],
         "library": f"kernels/{name}.so",
-        "references": f"kernels/{name}.npz",
+        "references": f"kernels/{name}.npz" if references else None,
         "tolerance": TOLERANCE[spec.dtype],
     }
+    if "device_code" in fields:  # a CUDA kernel's fatbin (tvmlayers.nvcc)
+        entry["device_code"] = fields["device_code"]
+    return entry
 
 
 def compile_bundle(
@@ -140,12 +144,18 @@ def compile_bundle(
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
     progress: bool = True,
+    references: bool = True,
 ) -> Path:
     """Compile ``layers`` (a workload file, workloads, or a torch model with ``input_shape``) for ``target`` into
     the bundle folder ``out_dir`` (replaced if it holds a bundle); returns the path of its ``manifest.json``.
 
-    A missing cross compiler raises RuntimeError naming its Debian packages, before anything is compiled."""
+    ``references=False`` writes no ``.npz`` references (a CUDA bundle for a GPU machine that has torch: its
+    ``run.py`` computes torch's there, on inputs drawn from ``seed``; a model's own weights are then not carried).
+    A missing cross compiler (or, for a CUDA target, nvcc) raises RuntimeError naming what provides it, before
+    anything is compiled."""
     tgt = resolve_target(target)
+    if tgt.kind.name == "cuda":
+        require_nvcc(f"compiling for {target_key(tgt)}")
     compiler = toolchain(tgt).require(f"compiling for {target_key(tgt)}")
     calls, source = _layer_calls(layers, tgt, input_shape)
     out = Path(out_dir)
@@ -162,9 +172,10 @@ def compile_bundle(
         for index, call in enumerate(calls):
             name = f"{index:02d}-{call.spec.op}"
             fields = compile_library(call.spec, staging / "kernels" / f"{name}.so", fcompile)
-            arrays = _reference(call, fields["layout"], generator)
-            np.savez(staging / "kernels" / f"{name}.npz", **arrays)
-            kernels.append(_kernel_entry(name, call, fields, arrays))
+            arrays = _reference(call, fields["layout"], generator)  # without references, still their shapes
+            if references:
+                np.savez(staging / "kernels" / f"{name}.npz", **arrays)
+            kernels.append(_kernel_entry(name, call, fields, arrays, references))
             bar.update(call.spec)
         bar.close()
         shutil.copyfile(bundle_run.__file__, staging / "run.py")
@@ -179,7 +190,9 @@ def compile_bundle(
             "target_key": target_key(tgt),
             "preset": target if isinstance(target, str) and target in PRESETS else None,
             "arch": target_arch(tgt),
+            "cuda_arch": cuda_arch(tgt) if tgt.kind.name == "cuda" else None,
             "compiler": compiler,
+            "seed": seed,
             "source": source,
             "kernels": kernels,
             "files": {p.relative_to(staging).as_posix(): _sha256(p) for p in files},

@@ -70,8 +70,8 @@ def _model_workloads(path: str, input_shape: str | None) -> list:
     """Workloads of a model file that defines ``model()`` (and optionally ``INPUT_SHAPE``)."""
     import torch  # noqa: PLC0415 - only this command needs it before tuning starts
 
+    from .extract import extract_workloads  # noqa: PLC0415
     from .model_bench import load_model_file  # noqa: PLC0415
-    from .tuning.extract import extract_workloads  # noqa: PLC0415
 
     model, shape = load_model_file(path, _shape(input_shape))
     return extract_workloads(model, torch.randn(shape))
@@ -86,7 +86,7 @@ def _target_argument(value: str | None, settings: dict) -> object:
 def _tune(args: argparse.Namespace) -> int:
     from .tuning.interrupt import SIGINT_EXIT  # noqa: PLC0415 - MetaSchedule is heavy; only tuning loads it
     from .tuning.tuner import tune  # noqa: PLC0415
-    from .tuning.workloads import load_workloads  # noqa: PLC0415
+    from .workloads import load_workloads  # noqa: PLC0415
 
     if bool(args.workloads) == bool(args.model):
         raise ValueError("give a workload file or --model, not both")
@@ -122,9 +122,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _logs_ls(args: argparse.Namespace) -> int:
-    from .tuning.database import RECORD_FILE, TuningLog, log_roots  # noqa: PLC0415
-    from .tuning.family import family_key, log_family  # noqa: PLC0415
-    from .tuning.verdicts import Verdicts  # noqa: PLC0415
+    from .records.database import RECORD_FILE, TuningLog, log_roots  # noqa: PLC0415
+    from .records.family import family_key, log_family  # noqa: PLC0415
+    from .records.verdicts import Verdicts  # noqa: PLC0415
 
     host = resolve_target("host")
     here, family = target_key(host), family_key(host)
@@ -172,8 +172,8 @@ def _adoption(verdict: object) -> str:
 def _logs_adopt(args: argparse.Namespace) -> int:
     """``logs adopt``: every record of the family's logs (or of ``--from``) tried on this machine."""
     from .aot import BuildProgress  # noqa: PLC0415
-    from .tuning.travel import adopt_logs  # noqa: PLC0415
-    from .tuning.verdicts import Verdicts  # noqa: PLC0415
+    from .records.travel import adopt_logs  # noqa: PLC0415
+    from .records.verdicts import Verdicts  # noqa: PLC0415
 
     host = resolve_target("host")
     progress: list[BuildProgress] = []
@@ -214,7 +214,7 @@ def _describe_spec(spec_json: dict) -> str:
 
 
 def _logs_merge(args: argparse.Namespace) -> int:
-    from .tuning.database import merge_logs  # noqa: PLC0415
+    from .records.database import merge_logs  # noqa: PLC0415
 
     _check_folders(args.sources)
     for key, count in merge_logs(args.sources, args.into).items():
@@ -295,13 +295,18 @@ def _compile_bundle(args: argparse.Namespace) -> int:
 
         layers, shape = load_model_file(args.model, _shape(args.input_shape))
     target = _target_argument(args.target, {})
-    manifest_path = compile_bundle(layers, target, args.output, input_shape=shape, seed=args.seed)
+    manifest_path = compile_bundle(
+        layers, target, args.output, input_shape=shape, seed=args.seed, references=not args.no_references
+    )
     manifest = json.loads(manifest_path.read_text())
     out = manifest_path.parent
-    print(f"{out}: {len(manifest['kernels'])} kernels for {manifest['target_key']} ({manifest['arch']})")
+    device = f"{manifest['cuda_arch']}, {manifest['arch']} host" if manifest.get("cuda_arch") else manifest["arch"]
+    print(f"{out}: {len(manifest['kernels'])} kernels for {manifest['target_key']} ({device})")
     print(f"  {'library':24} {'KiB':>7} {'refs KiB':>9}  {'schedule':22} layer")
     for kernel in manifest["kernels"]:
-        library, references = ((out / kernel[f]).stat().st_size / 1024 for f in ("library", "references"))
+        library, references = (
+            (out / kernel[f]).stat().st_size / 1024 if kernel[f] else 0.0 for f in ("library", "references")
+        )
         schedule = kernel["schedule"].get("rule") or f"tuned {kernel['schedule'].get('record', '')[:8]}"
         print(f"  {kernel['library']:24} {library:7.1f} {references:9.1f}  {schedule:22} {kernel['describe'][:60]}")
     total = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
@@ -399,6 +404,11 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", required=True, help="preset (see `tvmlayers targets`), TVM tag or target JSON")
     compile_.add_argument("-o", "--output", required=True, help="the bundle folder to write (replaced if a bundle)")
     compile_.add_argument("--seed", type=int, default=0, help="seed of the reference inputs")
+    compile_.add_argument(
+        "--no-references",
+        action="store_true",
+        help="write no .npz references (a small bundle: run.py computes torch's on the device, e.g. a GPU machine)",
+    )
     compile_.set_defaults(run=_compile_bundle)
     bench = commands.add_parser(
         "bench", parents=[debug], help="time layers of workload files, or whole models, against torch"

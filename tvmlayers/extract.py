@@ -10,10 +10,10 @@ from typing import Any
 import torch
 import tvm
 
-from .. import layer_specs, nn
-from ..functional import DTYPE_NAMES
-from ..spec import KernelSpec
-from ..targets import resolve_target
+from . import layer_specs, nn
+from .functional import DTYPE_NAMES
+from .spec import KernelSpec
+from .targets import resolve_target
 from .workloads import Workload
 
 

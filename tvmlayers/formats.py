@@ -51,13 +51,13 @@ A record id is the first 20 hex digits of the SHA-256 of ``canonical_json([workl
 kernel key of a tuned kernel has ``"schedule": {"source": "tuned", "record": <id>, "code": ...}``.
 
 A record's trace is code (it is compiled into a library this process loads), so every record read from any
-log (shipped, user, merged) must pass the allow-list of :mod:`tvmlayers.tuning.record_check` (instruction
+log (shipped, user, merged) must pass the allow-list of :mod:`tvmlayers.records.record_check` (instruction
 kinds, annotation keys and value types that our search spaces and MetaSchedule's CPU/CUDA rules produce)
 before it is replayed, compiled, merged or handed to MetaSchedule.  A refused record, and any malformed
 line (not JSON, nested too deep, over 8 MiB, wrong shape, bad target), is reported once per process with
 its file and line, and skipped; a malformed ``tvmlayers.json`` or field reads as empty.
 
-Verdicts on records that travel (``TRAVEL_FORMAT``, :mod:`tvmlayers.tuning.verdicts`), in the user's log root
+Verdicts on records that travel (``TRAVEL_FORMAT``, :mod:`tvmlayers.records.verdicts`), in the user's log root
 only, next to this target's records (``<log root>/<target key>/travel.json``)::
 
     {"format": TRAVEL_FORMAT, "target": <target key>,
@@ -95,12 +95,12 @@ target, checked and timed on the device by their own ``run.py`` (Python, numpy a
 ``run.py`` refuses to load anything when a listed file is missing or its SHA-256 differs, and says so when
 the machine's architecture is not ``arch``.
 
-Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.tuning.workloads`.
+Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.workloads`.
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
 :class:`tvmlayers.model_bench.ModelReport`.
 Environment: ``TVMLAYERS_CACHE_DIR`` (kernel cache), ``TVMLAYERS_TUNING_LOGS`` (user tuning logs),
 ``TVMLAYERS_TUNED=0`` (ignore tuning logs; ``exact``: this target's records only, ``adopt``: and other CPUs' of
-the family, ``neighbours``: and re-fitted neighbours', not other CPUs'; see :mod:`tvmlayers.tuning.travel`),
+the family, ``neighbours``: and re-fitted neighbours', not other CPUs'; see :mod:`tvmlayers.records.travel`),
 ``TVM_NUM_THREADS`` (kernel threads).
 """
 

@@ -41,11 +41,11 @@ from .benchmark import (
     settled_and_alternating,
 )
 from .convert import convert
+from .extract import extract_workloads
 from .formats import REPORT_FORMAT
 from .nn._base import CompiledLayer
 from .targets import resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
-from .tuning.extract import extract_workloads
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 

@@ -47,7 +47,7 @@ class Progress:
         best_text = f"{best * 1e3:.3f} ms" if math.isfinite(best) else "none yet"
         status = (
             f"{self.done}/{self.total} trials, {self.failed} failed | task {task + 1}/{len(self.names)} "
-            f"{self.names[task]}: best {best_text} | elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
+            f"{self.names[task]}: best {best_text} | elapsed {clock(elapsed)}, ETA {clock(eta)}"
         )
         if self.tty:
             width = 24
@@ -63,7 +63,7 @@ class Progress:
             self.stream.flush()
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"

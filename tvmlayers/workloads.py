@@ -22,7 +22,7 @@ Format (version 1)::
     #   the output's shape, ResNet's shortcut: relu?(conv2d + residual))
 
 Hand-written files use torch's normalized values (e.g. padding 1 becomes [1, 1, 1, 1]);
-:func:`tvmlayers.tuning.extract.extract_workloads` writes them for any model.  Every parameter is
+:func:`tvmlayers.extract.extract_workloads` writes them for any model.  Every parameter is
 required, and each layer is checked when the file is read, as torch checks the same call (e.g. a weight
 whose input channels times groups differ from the input's channels), by
 :func:`tvmlayers.layer_specs.workload_spec`: an error names the file and the layer's number.
@@ -38,10 +38,10 @@ from typing import Any
 
 import tvm
 
-from .. import layer_specs
-from ..formats import WORKLOAD_FORMAT
-from ..spec import KernelSpec
-from ..targets import resolve_target
+from . import layer_specs
+from .formats import WORKLOAD_FORMAT
+from .spec import KernelSpec
+from .targets import resolve_target
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Directory layout (format version ``TUNING_LOG_VERSION``; see also :mod:`tvmlayer
 MetaSchedule's database does not key records by target, so tvmlayers keeps one directory per target
 and also checks every record's own target before applying it.  A record is code (its trace is compiled
 into a library this process loads): every record read from a log passes the allow-list of
-:mod:`tvmlayers.tuning.record_check` first.  A log never breaks a caller: a malformed line (bad JSON,
+:mod:`tvmlayers.records.record_check` first.  A log never breaks a caller: a malformed line (bad JSON,
 too deep, over ``MAX_LINE_CHARS``, wrong shape, bad target) or a refused record is reported once per
 process with its file and line, and skipped.  Log roots are searched in order:
 ``log_dir=``/``TVMLAYERS_TUNING_LOGS`` (user), then the ``tuning_logs/`` shipped with the package.

@@ -4,7 +4,7 @@ A record is a schedule, not machine code: replayed on this target's PrimFunc and
 CPU, it runs anywhere the schedule's vector width fits.  So CPUs of one family (the same kind and triple
 and the same vector ISA as the CPU schedule rules see it, :class:`~tvmlayers.schedules.cpu.CpuConfig`)
 share records: an Emerald Rapids record is a candidate on an AMD znver4 (both AVX-512), never on a Haswell
-(AVX2).  Whether it is worth using there is measured (:mod:`tvmlayers.tuning.travel`).
+(AVX2).  Whether it is worth using there is measured (:mod:`tvmlayers.records.travel`).
 """
 
 from __future__ import annotations

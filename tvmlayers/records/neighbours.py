@@ -11,7 +11,7 @@ A trace's ``SamplePerfectTile`` decisions are factors of the loop extents of the
 re-fitting replays the trace on the new workload and replaces each by factors of the new extent, the
 innermost ones (the register tile) kept as close to the tuned ones as the new extent allows.  Fixed
 splits, unrolls and annotations replay as they are.  The result is a trace of the new workload, checked
-against torch and timed like any candidate (:mod:`tvmlayers.tuning.travel`).
+against torch and timed like any candidate (:mod:`tvmlayers.records.travel`).
 """
 
 from __future__ import annotations

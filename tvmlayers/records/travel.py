@@ -3,15 +3,15 @@
 The build looks up, in order (:func:`tvmlayers.build.kernel_for`):
 
 1. a record of this target (``<log root>/<target key>/``, the user's root first): used as it is;
-2. a record of the same workload tuned on another CPU of the family (:mod:`tvmlayers.tuning.family`),
+2. a record of the same workload tuned on another CPU of the family (:mod:`tvmlayers.records.family`),
    **adopted** where, compiled for this target, it computes what torch computes and beats the default
    schedule here;
-3. the record of the nearest tuned **neighbour** of the same op class (:mod:`tvmlayers.tuning.neighbours`),
+3. the record of the nearest tuned **neighbour** of the same op class (:mod:`tvmlayers.records.neighbours`),
    re-fitted to this workload's shape, under the same conditions;
 4. the default rules.
 
 Each candidate is tried once per machine and code version and the verdict remembered in the user's log
-(:mod:`tvmlayers.tuning.verdicts`).  Implicitly, during the first build of a kernel, only the best record
+(:mod:`tvmlayers.records.verdicts`).  Implicitly, during the first build of a kernel, only the best record
 of the first family log and the nearest neighbour are tried: a first call then pays at most two compiles and
 about a second of timing more (the build takes the winner, or the default, as the trial compiled it), once,
 on a machine where it would otherwise run an untuned kernel for good; and a process spends at most

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..locks import file_lock
 from ..spec import KernelSpec
 from ..targets import target_key
-from .workloads import Workload, format_workloads, load_workloads
+from ..workloads import Workload, format_workloads, load_workloads
 
 _reported: set[Path] = set()  # lists already said to be unusable by this process
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import tvm
 
+from ..fingerprint import code_fingerprint
 from ..formats import TRAVEL_FORMAT
 from ..targets import target_key
 from .database import TuningLog, TuningRecord, tune_log_root
@@ -85,8 +86,6 @@ def _parse(entry: object) -> Verdict:
 
 def code_version() -> str:
     """What a verdict holds for: the op and schedule code, and TVM."""
-    from ..build import code_fingerprint  # noqa: PLC0415 - build looks verdicts up: imported once it is loaded
-
     return f"{code_fingerprint()}/tvm-{tvm.__version__}"
 
 

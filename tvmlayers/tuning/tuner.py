@@ -17,12 +17,14 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from .. import ops, schedules
-from ..build import code_fingerprint
+from ..fingerprint import code_fingerprint
 from ..locks import file_lock
+from ..progress import Progress, ProgressCallback
+from ..records.apply import RecordError, schedule_record
+from ..records.database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
 from ..spec import KernelSpec
 from ..targets import TargetLike, resolve_target, runs_here, target_key
-from .apply import RecordError, schedule_record
-from .database import RECORD_FILE, WORKLOAD_FILE, TuningLog, TuningRecord, tune_log_root, workload_hash
+from ..workloads import Workload, load_workloads
 from .devices import Device, LocalDevice, RPCDevice
 from .fast_import import import_tensor_intrin
 from .interrupt import (
@@ -33,8 +35,6 @@ from .interrupt import (
     InterruptibleRunner,
 )
 from .pools import ClosingLocalBuilder, close_pool
-from .progress import Progress, ProgressCallback
-from .workloads import Workload, load_workloads
 
 SPACES = ("generic", "ours")
 
