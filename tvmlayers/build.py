@@ -21,6 +21,7 @@ from .cache import KernelCache
 from .fingerprint import code_fingerprint
 from .formats import kernel_key
 from .kernel import Kernel
+from .nvcc import device_code_id, export_cuda_library
 from .records.apply import RecordError, compile_record
 from .records.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .records.travel import borrowed_record, untried
@@ -75,8 +76,7 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
         if executable is None:
             executable = compile_record(spec, layout, record)
         provenance = record.provenance()
-    executable.export_library(str(so_path), fcompile=fcompile)
-    return {
+    fields = {
         "spec": spec.to_json(),
         "layout": layout,
         "provenance": provenance,
@@ -84,6 +84,11 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
         "output_shapes": [list(s) for s in ops.output_shapes(spec, layout)],
         "tvm_version": tvm.__version__,
     }
+    if spec.target.kind.name == "cuda":  # device code compiled here by nvcc, not left as source (tvmlayers.nvcc)
+        fields.update(export_cuda_library(executable, so_path, spec.target, spec.describe(), fcompile))
+    else:
+        executable.export_library(str(so_path), fcompile=fcompile)
+    return fields
 
 
 def compile_library(spec: KernelSpec, so_path: Path, fcompile: Any = None) -> dict:
@@ -172,6 +177,8 @@ def _cache_key(spec: KernelSpec, layout: dict, record: TuningRecord | None) -> t
     fields its entry must hold."""
     schedule_id = {"source": "tuned", "record": record.id} if record else {"source": "default"}
     schedule_id["code"] = code_fingerprint()
+    if spec.target.kind.name == "cuda":  # nvcc's flags make the device code: new flags, new binaries
+        schedule_id["device_code"] = device_code_id(spec.target)
     key = kernel_key(spec.to_json(), layout, schedule_id, tvm.__version__)
     return key, {"spec": spec.to_json(), "layout": layout}  # an entry made for another spec is never loaded
 
