@@ -95,6 +95,25 @@ target, checked and timed on the device by their own ``run.py`` (Python, numpy a
 ``run.py`` refuses to load anything when a listed file is missing or its SHA-256 differs, and says so when
 the machine's architecture is not ``arch``.
 
+Runtime packs (``RUNTIME_PACK_FORMAT``), written by ``tvmlayers runtime-pack`` / :mod:`tvmlayers.runtime_pack`: what a
+bundle's ``run.py`` needs on a machine without apache-tvm (``PYTHONPATH=<pack> python3 bundle/run.py``)::
+
+    <pack>/
+        runtime-pack.json                 the JSON below
+        README.txt                        how to use it
+        tvm_runtime_libs/libtvm_runtime.so[, libtvm_runtime_cuda.so]   TVM's runtime for ``arch``
+        tvm_ffi/, typing_extensions.py, *.dist-info/   the apache-tvm-ffi and typing-extensions wheels for
+                                          ``python``, unpacked (without tvm_ffi's C++ headers and sources)
+
+    {"format": RUNTIME_PACK_FORMAT, "arch": "x86_64" | "aarch64", "python": "3.12", "cuda": bool,
+     "tvm_version", "tvm_ffi_version", "wheels": [<file names of the unpacked wheels>],
+     "libraries": {<path relative to the pack>: <sha256 hex>}}    in the order run.py loads them
+
+``run.py`` refuses a pack of another format, architecture or Python, or whose libraries' SHA-256 differ.
+Downloaded wheels are cached in ``$XDG_CACHE_HOME/tvmlayers/wheels/<project>-<version>-<cpXY>-<arch>/`` with a
+``sha256.json`` ({"filename", "sha256", "checked_against_pypi"}); a cached wheel whose digest differs is
+downloaded again.
+
 Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.workloads`.
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
 :class:`tvmlayers.model_bench.ModelReport`.
@@ -116,6 +135,7 @@ TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
 REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of the model alone and alternating calls
 BUNDLE_FORMAT = 1
+RUNTIME_PACK_FORMAT = 1
 TRAVEL_FORMAT = 1
 
 
