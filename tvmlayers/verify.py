@@ -44,7 +44,7 @@ def kernel_inputs(
     """The kernel's input arguments: the input as its spec shapes it, the weight blocked, the bias, the
     residual (as the spec's batched output)."""
     output_shape = output_shapes(spec, layout)[0] if residual is not None else None
-    return kernel_arguments(spec.input_shape, layout["weight_block"], x, weight, bias, residual, output_shape)
+    return kernel_arguments(spec.input_shape, layout.get("weight_block", 1), x, weight, bias, residual, output_shape)
 
 
 def check_kernel(spec: KernelSpec, layout: dict, kernel: Callable[..., None], seed: int = 0) -> str | None:
