@@ -21,7 +21,7 @@ from .cache import KernelCache
 from .fingerprint import code_fingerprint
 from .formats import kernel_key
 from .kernel import Kernel
-from .nvcc import device_code_id, export_cuda_library
+from .nvcc import cuda_arch, device_code_id, export_cuda_library
 from .records.apply import RecordError, compile_record
 from .records.database import TuningLog, TuningRecord, log_roots, workload_hash
 from .records.travel import borrowed_record, untried
@@ -141,13 +141,7 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     if kernel is not None:
         return kernel
     if not runs_here(spec.target):  # loading it here would fail inside dlopen, or worse
-        raise RuntimeError(
-            f"tvmlayers: {spec.describe()} is for target {target_key(spec.target)} ({target_arch(spec.target)}), "
-            f"which cannot run in this process (this machine is {host_arch()}"
-            f"{_lacking(spec.target)}): compile its "
-            "kernels for the device with `tvmlayers compile --target ... -o DIR` (or tl.compile_bundle) and run "
-            "the bundle's run.py there; leave target= out to run on this machine"
-        )
+        raise RuntimeError(_cannot_run_here(spec))
     kernel_cache = KernelCache(cache_dir)
     with _memo_lock:
         kernel = _memo.get(memo_key)
@@ -156,9 +150,36 @@ def kernel_for(spec: KernelSpec, cache_dir: Path | str | None = None) -> Kernel:
     return kernel
 
 
-def _lacking(target: tvm.target.Target) -> str:
+def _cannot_run_here(spec: KernelSpec) -> str:
+    """Why ``spec``'s kernel cannot run in this process, and how to run it where it can (a bundle)."""
+    target = spec.target
+    bundle = (
+        "compile its kernels for the device with `tvmlayers compile --target ... -o DIR` (or tl.compile_bundle) "
+        "and run the bundle's run.py there"
+    )
+    if target.kind.name == "cuda":
+        arch = cuda_arch(target)
+        why = _local_gpu() if target_arch(target) == host_arch() else f"its host code is {target_arch(target)}"
+        return (
+            f"tvmlayers: {spec.describe()} is for target {target_key(target)}: this machine cannot run kernels for "
+            f"{arch} ({why}); {bundle} (compiling needs nvcc, not a GPU); target='cuda' is this machine's own GPU"
+        )
     missing = missing_features(target)
-    return f" without {', '.join(missing)}" if missing else ""
+    lacking = f" without {', '.join(missing)}" if missing else ""
+    return (
+        f"tvmlayers: {spec.describe()} is for target {target_key(target)} ({target_arch(target)}), which cannot "
+        f"run in this process (this machine is {host_arch()}{lacking}): {bundle}; leave target= out to run on "
+        "this machine"
+    )
+
+
+def _local_gpu() -> str:
+    import torch  # noqa: PLC0415 - only this message needs it
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU here"
+    major, minor = torch.cuda.get_device_capability()
+    return f"its GPU, {torch.cuda.get_device_name()}, is sm_{major}{minor}"
 
 
 def is_cached(spec: KernelSpec, cache_dir: Path | str | None = None) -> bool:

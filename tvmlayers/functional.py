@@ -121,9 +121,11 @@ def _check_types(op: str, tensors: tuple, target: tvm.target.Target) -> str:
         )
     wanted = device_type(target)
     if devices[0].type != wanted:
+        # a CUDA kernel takes torch's CUDA tensors as they are (DLPack, zero-copy, on torch's current stream)
+        other = "target='cuda' (this machine's GPU)" if devices[0].type == "cuda" else "a target for that device"
         raise ValueError(
             f"{op}: the kernel for target '{target.kind.name}' works on {wanted} tensors, but got tensors on "
-            f"{devices[0]}; move them with .to('{wanted}') or pass a target for that device"
+            f"{devices[0]}; move them with .to('{wanted}') or pass {other}"
         )
     return DTYPE_NAMES[dtypes[0]]
 

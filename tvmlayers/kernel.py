@@ -16,7 +16,12 @@ from .spec import KernelSpec
 
 @dataclass
 class Kernel:
-    """Call it with DLPack-compatible tensors (torch tensors work directly): inputs, then outputs."""
+    """Call it with DLPack-compatible tensors (torch tensors work directly): inputs, then outputs.
+
+    A CUDA kernel takes torch's CUDA tensors as they are, zero-copy, and runs on ``torch.cuda.current_stream()``
+    of their device: for each call with a CUDA tensor, tvm_ffi asks torch for its current stream (torch's DLPack
+    exchange API) and sets it as TVM's stream of that device for the call, which TVM's CUDA launches use.
+    Nothing here synchronizes: like a torch op, the call returns once the kernel is queued."""
 
     spec: KernelSpec
     key: str
