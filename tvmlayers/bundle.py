@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import tvm
 
-from . import __version__, bundle_run
+from . import __version__, bundle_run, reference
 from .aot import BuildProgress, needed_specs
 from .build import compile_library
 from .convert import convert
@@ -180,6 +180,8 @@ def compile_bundle(
         bar.close()
         shutil.copyfile(bundle_run.__file__, staging / "run.py")
         (staging / "run.py").chmod(0o755)
+        # torch's reference code, for run.py where the bundle carries no references (a CUDA bundle: torch on the GPU)
+        shutil.copyfile(reference.__file__, staging / bundle_run.REFERENCE_MODULE)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
             "format": BUNDLE_FORMAT,
