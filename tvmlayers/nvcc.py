@@ -208,7 +208,7 @@ def _blob_c_source(blob: bytes) -> str:
     a const array is otherwise internal to a C++ translation unit, and g++ may compile it)."""
     rows = ",\n".join(",".join(str(b) for b in blob[i : i + 32]) for i in range(0, len(blob), 32))
     return (
-        "#ifdef __cplusplus\nextern \"C\" {\n#endif\n"
+        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
         "extern const unsigned char __tvm_ffi__library_bin[];\n"
         f"const unsigned char __tvm_ffi__library_bin[{len(blob)}] = {{\n{rows}\n}};\n"
         "#ifdef __cplusplus\n}\n#endif\n"
