@@ -19,6 +19,12 @@ old binary.  ``manifest.json`` holds::
      "symbol": <function name inside kernel.so>, "tvm_version": ..., "created": <unix time>,
      "so_sha256": <hex digest of kernel.so>, "so_size": <bytes>}
 
+A CUDA kernel's ``kernel.so`` holds its host code and a fatbin compiled here by nvcc (:mod:`tvmlayers.nvcc`), in
+place of the CUDA source TVM would leave; its key's ``"schedule"`` also has ``"device_code": <nvcc's command
+line, architecture included>`` and its manifest also ``"cuda_arch": "sm_90"`` and ``"device_code": {"format":
+"fatbin", "nvcc": <that command line>, "sha256": <of the fatbin>, "size": <bytes>}``.  Entries are made only
+where the kernel can run (a GPU of that architecture: :func:`tvmlayers.targets.runs_here`).
+
 An entry whose manifest is missing, unparsable, of another format, lacks a field above (``created`` and
 ``tvm_version`` excepted) or has it with another type, holds another ``key``, ``spec`` or ``layout`` than
 the call asked for, or whose ``kernel.so`` does not match ``so_size``/``so_sha256`` is treated as
@@ -83,17 +89,23 @@ target, checked and timed on the device by their own ``run.py`` (Python, numpy a
 
     {"format": BUNDLE_FORMAT, "tvmlayers_version", "tvm_version", "created": <unix time>,
      "target": <target JSON>, "target_key": tvmlayers.targets.target_key, "preset": <preset name or null>,
-     "arch": "x86_64" | "aarch64" | "arm" (tvmlayers.targets.target_arch), "compiler": <the linking gcc>,
+     "arch": "x86_64" | "aarch64" | "arm" (tvmlayers.targets.target_arch; of a CUDA target: its host code),
+     "cuda_arch": <"sm_90", the GPU architecture of a CUDA bundle's device code; null for a CPU target>,
+     "compiler": <the linking gcc>, "seed": <the seed of the reference inputs>,
      "source": <workload file or model file and input shape>,
      "kernels": [{"name", "layer": <op>, "describe": <one line>, "spec": KernelSpec.to_json(),
                   "inputs": [{"shape", "dtype"}], "outputs": [{"shape", "dtype"}], "weight_layout": {...},
                   "schedule": {"source": "default", "rule"} | {"source": "tuned", "record", ...},
-                  "symbol", "library": "kernels/<name>.so", "references": "kernels/<name>.npz",
-                  "tolerance": <relative: |got - want| <= tolerance * (1 + max |want|)>}],
+                  "symbol", "library": "kernels/<name>.so", "references": "kernels/<name>.npz" | null,
+                  "tolerance": <relative: |got - want| <= tolerance * (1 + max |want|)>,
+                  "device_code": <a CUDA kernel's fatbin, as in the kernel cache's manifest>}],
      "files": {<path relative to the bundle>: <sha256 hex>}}   every file but manifest.json
 
 ``run.py`` refuses to load anything when a listed file is missing or its SHA-256 differs, and says so when
-the machine's architecture is not ``arch``.
+the machine's architecture is not ``arch``.  ``references`` is null (and there is no ``.npz``) in a bundle
+compiled with ``--no-references`` (CUDA bundles for a GPU machine, where torch computes the references; a
+model's own weights are then not carried).  ``cuda_arch``, ``seed``, ``device_code`` and a null ``references``
+did not bump ``BUNDLE_FORMAT``: a bundle is read by the ``run.py`` it carries.
 
 Runtime packs (``RUNTIME_PACK_FORMAT``), written by ``tvmlayers runtime-pack`` / :mod:`tvmlayers.runtime_pack`: what a
 bundle's ``run.py`` needs on a machine without apache-tvm (``PYTHONPATH=<pack> python3 bundle/run.py``)::
