@@ -1,5 +1,6 @@
 """The ``tvmlayers`` command line: ``targets``, ``cache ls|clear``, ``tune``, ``logs ls|adopt|merge``, ``bench``
-(layers of workload files, or whole models with ``--model``), ``compile`` (a bundle for a device)."""
+(layers of workload files, or whole models with ``--model``), ``compile`` (a bundle for a device),
+``runtime-pack`` (TVM's runtime for a device without apache-tvm)."""
 
 from __future__ import annotations
 
@@ -321,6 +322,23 @@ def _compile_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_pack(args: argparse.Namespace) -> int:
+    """``runtime-pack``: TVM's runtime and tvm_ffi for a machine without apache-tvm (tvmlayers.runtime_pack)."""
+    from .runtime_pack import make_runtime_pack  # noqa: PLC0415
+
+    manifest_path = make_runtime_pack(args.output, python=args.python, arch=args.arch, cuda=args.cuda)
+    pack = json.loads(manifest_path.read_text())
+    out = manifest_path.parent
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
+    cuda = " with its CUDA runtime" if pack["cuda"] else ""
+    print(
+        f"{out}: TVM {pack['tvm_version']} runtime{cuda} for {pack['arch']}, tvm_ffi {pack['tvm_ffi_version']} for "
+        f"CPython {pack['python']}, {size:.1f} MiB"
+    )
+    print(f"On the device: PYTHONPATH={out.name} python3 <bundle>/run.py  (needs numpy; torch for CUDA bundles)")
+    return 0
+
+
 # What a user's mistake raises (a bad argument, a bad file, a missing path): exit status 2, argparse's.
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # What fails while a command runs and is not a bug of ours: a permission, a full disk, TVM's own errors
@@ -410,6 +428,16 @@ def _parser() -> argparse.ArgumentParser:
         help="write no .npz references (a small bundle: run.py computes torch's on the device, e.g. a GPU machine)",
     )
     compile_.set_defaults(run=_compile_bundle)
+    pack = commands.add_parser(
+        "runtime-pack",
+        parents=[debug],
+        help="TVM's runtime libraries and tvm_ffi for running bundles where apache-tvm is not installed",
+    )
+    pack.add_argument("-o", "--output", required=True, help="the pack folder to write (replaced if a pack)")
+    pack.add_argument("--python", help="the device's CPython version, e.g. 3.12 (default: this one's)")
+    pack.add_argument("--arch", choices=("x86_64", "aarch64"), help="the device's architecture (default: this one)")
+    pack.add_argument("--cuda", action="store_true", help="include TVM's CUDA runtime (for CUDA bundles)")
+    pack.set_defaults(run=_runtime_pack)
     bench = commands.add_parser(
         "bench", parents=[debug], help="time layers of workload files, or whole models, against torch"
     )
