@@ -34,7 +34,7 @@ from tvmlayers.records.database import (
 from tvmlayers.records.record_check import check_trace, trace_problem
 from tvmlayers.spec import KernelSpec
 from tvmlayers.tuning.fast_import import import_tensor_intrin
-from tvmlayers.tuning.tuner import _space
+from tvmlayers.tuning.tuner import search_space
 from tvmlayers.verify import check_kernel
 
 CONV = conv3x3_spec((1, 8, 6, 6), 16)  # what the conv of _conv_provenance() calls
@@ -158,7 +158,7 @@ def test_what_metaschedule_and_our_spaces_produce_passes(tmp_path: Path) -> None
         ):
             spec = KernelSpec.make(op, shape, "float32", target, **params)
             func = ops.prim_func(spec, schedules.weight_layout(spec))
-            context = ms.TuneContext(func, target=target, space_generator=_space(space, target), num_threads=1)
+            context = ms.TuneContext(func, target=target, space_generator=search_space(space, target), num_threads=1)
             workload = database.commit_workload(_normalize_mod(func))
             arg_info = ms.arg_info.ArgInfo.from_prim_func(func)
             for sch in context.generate_design_space():

@@ -76,6 +76,15 @@ def _compile(spec: KernelSpec, layout: dict, so_path: Path, record: TuningRecord
         if executable is None:
             executable = compile_record(spec, layout, record)
         provenance = record.provenance()
+    return export_kernel(spec, layout, executable, provenance, so_path, fcompile)
+
+
+def export_kernel(
+    spec: KernelSpec, layout: dict, executable: Any, provenance: dict, so_path: Path, fcompile: Any = None
+) -> dict:
+    """Export a compiled kernel of ``spec`` (``tvm.compile``'s executable) to the library ``so_path`` as the
+    kernel cache does (linked by ``fcompile``; a CUDA kernel with its device code compiled by nvcc); returns
+    its manifest fields, ``provenance`` among them."""
     fields = {
         "spec": spec.to_json(),
         "layout": layout,

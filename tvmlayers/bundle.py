@@ -19,9 +19,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +30,12 @@ import tvm
 
 from . import __version__, bundle_run, reference
 from .aot import BuildProgress, needed_specs
-from .build import compile_library
+from .build import compile_library, export_kernel
 from .convert import convert
 from .extract import recording_layer_calls
 from .formats import BUNDLE_FORMAT
 from .nvcc import cuda_arch, require_nvcc
+from .schedules import weight_layout
 from .spec import KernelSpec
 from .targets import PRESETS, TargetLike, resolve_target, target_arch, target_json, target_key, toolchain
 from .verify import TOLERANCE, kernel_inputs, random_inputs, torch_reference
@@ -44,11 +46,17 @@ __all__ = ["compile_bundle", "model_layers"]
 
 @dataclass
 class LayerCall:
-    """One kernel of a bundle: its spec and, for a model's layer, the layer's own weight and bias (torch layout)."""
+    """One kernel of a bundle: its spec and, for a model's layer, the layer's own weight and bias (torch layout).
+    ``compile`` compiles the kernel with a schedule of the caller's choice (``tvm.compile``'s executable),
+    described by ``provenance`` (offline tuning's candidates); None: the schedule ``kernel_for`` would use.
+    ``manifest_fields``: more fields of its manifest entry."""
 
     spec: KernelSpec
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    compile: Callable[[], Any] | None = None
+    provenance: dict | None = None
+    manifest_fields: dict = field(default_factory=dict)
 
 
 def model_layers(model: torch.nn.Module, input_shape: Sequence[int], target: TargetLike) -> list[LayerCall]:
@@ -75,7 +83,7 @@ def _weights(module: torch.nn.Module | None) -> tuple[torch.Tensor | None, torch
 
 
 def _layer_calls(
-    layers: str | Path | Sequence[Workload] | torch.nn.Module,
+    layers: str | Path | Sequence[Workload] | Sequence[LayerCall] | torch.nn.Module,
     target: tvm.target.Target,
     input_shape: Sequence[int] | None,
 ) -> tuple[list[LayerCall], str]:
@@ -87,6 +95,8 @@ def _layer_calls(
     if isinstance(layers, str | Path):
         workloads, _ = load_workloads(layers)
         source = str(layers)
+    elif all(isinstance(layer, LayerCall) for layer in layers):
+        return list(layers), "layer calls"
     else:
         workloads, source = list(layers), "workloads"
     specs = list(dict.fromkeys(w.spec(target) for w in workloads))  # a file may list a call twice
@@ -110,7 +120,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np.ndarray], references: bool) -> dict:
+def _kernel_entry(
+    name: str, call: LayerCall, fields: dict, arrays: dict[str, np.ndarray], references: str | None
+) -> dict:
     spec = call.spec
 
     def tensors(prefix: str) -> list[dict]:
@@ -128,16 +140,16 @@ def _kernel_entry(name: str, call: LayerCall, fields: dict, arrays: dict[str, np
         "schedule": fields["provenance"],
         "symbol": fields["symbol"],
         "library": f"kernels/{name}.so",
-        "references": f"kernels/{name}.npz" if references else None,
+        "references": references,
         "tolerance": TOLERANCE[spec.dtype],
     }
     if "device_code" in fields:  # a CUDA kernel's fatbin (tvmlayers.nvcc)
         entry["device_code"] = fields["device_code"]
-    return entry
+    return entry | call.manifest_fields
 
 
 def compile_bundle(
-    layers: str | Path | Sequence[Workload] | torch.nn.Module,
+    layers: str | Path | Sequence[Workload] | Sequence[LayerCall] | torch.nn.Module,
     target: TargetLike,
     out_dir: str | Path,
     *,
@@ -146,8 +158,9 @@ def compile_bundle(
     progress: bool = True,
     references: bool = True,
 ) -> Path:
-    """Compile ``layers`` (a workload file, workloads, or a torch model with ``input_shape``) for ``target`` into
-    the bundle folder ``out_dir`` (replaced if it holds a bundle); returns the path of its ``manifest.json``.
+    """Compile ``layers`` (a workload file, workloads, layer calls or a torch model with ``input_shape``) for
+    ``target`` into the bundle folder ``out_dir`` (replaced if it holds a bundle); returns the path of its
+    ``manifest.json``.
 
     ``references=False`` writes no ``.npz`` references (a CUDA bundle for a GPU machine that has torch: its
     ``run.py`` computes torch's there, on inputs drawn from ``seed``; a model's own weights are then not carried).
@@ -169,13 +182,22 @@ def compile_bundle(
         (staging / "kernels").mkdir()
         kernels = []
         bar = BuildProgress(len(calls), quiet=not progress)
+        saved: dict[KernelSpec, tuple[str, dict]] = {}  # kernels of one spec (candidates) share its reference
         for index, call in enumerate(calls):
             name = f"{index:02d}-{call.spec.op}"
-            fields = compile_library(call.spec, staging / "kernels" / f"{name}.so", fcompile)
-            arrays = _reference(call, fields["layout"], generator)  # without references, still their shapes
-            if references:
-                np.savez(staging / "kernels" / f"{name}.npz", **arrays)
-            kernels.append(_kernel_entry(name, call, fields, arrays, references))
+            library = staging / "kernels" / f"{name}.so"
+            if call.compile is None:
+                fields = compile_library(call.spec, library, fcompile)
+            else:
+                layout = weight_layout(call.spec)
+                fields = export_kernel(call.spec, layout, call.compile(), call.provenance, library, fcompile)
+            if call.spec not in saved:
+                arrays = _reference(call, fields["layout"], generator)  # without references, still their shapes
+                if references:
+                    np.savez(staging / "kernels" / f"{name}.npz", **arrays)
+                saved[call.spec] = (f"kernels/{name}.npz" if references else None, arrays)
+            npz, arrays = saved[call.spec]
+            kernels.append(_kernel_entry(name, call, fields, arrays, npz))
             bar.update(call.spec)
         bar.close()
         shutil.copyfile(bundle_run.__file__, staging / "run.py")

@@ -96,13 +96,15 @@ def _tune(args: argparse.Namespace) -> int:
         workloads = _model_workloads(args.model, args.input_shape)
     else:
         workloads, settings = load_workloads(args.workloads)
+    if args.export_candidates:
+        return _export_candidates(args, workloads, _target_argument(args.target, settings))
     try:
         results = tune(
             workloads,
             _target_argument(args.target, settings),
             args.trials,
             args.log_dir,
-            space=args.space,
+            space=args.space or "generic",
             trials_per_iter=args.trials_per_iter,
             rpc_tracker=args.rpc_tracker,
             rpc_key=args.rpc_key,
@@ -119,6 +121,50 @@ def _tune(args: argparse.Namespace) -> int:
     for result in results:
         best = f"{result.best.seconds * 1e6:10.1f}  {result.best.id}" if result.best else f"{'-':>10}  none verified"
         print(f"{result.spec.describe()[:70]:70} {result.trials:6d} {best}")
+    return 0
+
+
+def _export_candidates(args: argparse.Namespace, workloads: list, target: object) -> int:
+    """``tune --export-candidates``: candidates built here for measure.py on the device (tvmlayers.tuning.offline)."""
+    from .tuning.offline import export_candidates  # noqa: PLC0415
+
+    if args.rpc_tracker or args.rpc_key:
+        raise ValueError("--export-candidates measures nothing here, over RPC or not: leave --rpc-tracker out")
+    report = export_candidates(
+        workloads,
+        target,
+        args.export_candidates,
+        count=args.candidates,
+        space=args.space or "ours",
+        log_dir=args.log_dir,
+        references=not args.no_references,
+    )
+    total = sum(map(len, report.candidates.values()))
+    size = sum(p.stat().st_size for p in report.folder.rglob("*") if p.is_file()) / 2**20
+    print(f"{report.folder}: {total} candidates of {len(report.candidates)} workloads for {report.target_key}")
+    print(f"  {size:.1f} MiB, built in {report.seconds:.0f} s (export {report.export})")
+    for spec, group in report.candidates.items():
+        print(f"  {len(group):3d} candidates (the default and {len(group) - 1} sampled)  {spec.describe()[:90]}")
+    print(f"On the device: python3 {report.folder.name}/measure.py --out measured.json")
+    print("Then here:     tvmlayers logs import measured.json")
+    return 0
+
+
+def _logs_import(args: argparse.Namespace) -> int:
+    """``logs import``: a device's measured.json becomes records of the target's log (tvmlayers.tuning.offline)."""
+    from .tuning.offline import import_measurements  # noqa: PLC0415
+
+    report = import_measurements(args.measured, args.log_dir)
+    for line in report.skipped:
+        print(line, file=sys.stderr)
+    print(f"{report.log}: measured on {report.device}")
+    for counts in report.workloads.values():
+        speedup = f"{counts.speedup:.2f}x over the default" if counts.speedup is not None else "default not timed"
+        best = f"best {counts.best_us:.4g} us, {speedup}" if counts.best_us is not None else "none correct"
+        print(
+            f"  {counts.imported} new record(s), {counts.already} already in the log, {counts.wrong} wrong, "
+            f"{counts.failed} failed; {best}  {counts.spec.describe()[:80]}"
+        )
     return 0
 
 
@@ -380,8 +426,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--space",
         choices=("generic", "ours"),
-        default="generic",
-        help="MetaSchedule's generic rules, or tvmlayers' schedule rules with sampled tile sizes",
+        help="MetaSchedule's generic rules, or tvmlayers' schedule rules with sampled tile sizes (default: generic "
+        "when tuning, ours with --export-candidates)",
     )
     tune.add_argument("--trials-per-iter", type=int, default=64)
     tune.add_argument(
@@ -392,6 +438,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--rpc-key", help="the key the device registered with at the tracker, e.g. rasp4b")
     tune.add_argument("--timeout", type=float, default=60.0, help="seconds per build and per run")
+    tune.add_argument(
+        "--export-candidates",
+        metavar="DIR",
+        help="measure nothing here: build candidate schedules of each workload (the default one and --candidates "
+        "sampled from --space) into DIR, for DIR/measure.py on the device and then `tvmlayers logs import`",
+    )
+    tune.add_argument("--candidates", type=int, default=16, help="--export-candidates: sampled ones per workload")
+    tune.add_argument(
+        "--no-references",
+        action="store_true",
+        help="--export-candidates: write no .npz references (torch computes them on the device, e.g. a GPU machine)",
+    )
     tune.set_defaults(run=_tune)
     logs = commands.add_parser("logs", help="inspect, adopt or merge tuning logs")
     logs_commands = logs.add_subparsers(dest="logs_command", required=True)
@@ -407,6 +465,14 @@ def _parser() -> argparse.ArgumentParser:
     adopt.add_argument("--log-dir", help="user log root (default: $TVMLAYERS_TUNING_LOGS or ~/.local/share/...)")
     adopt.add_argument("--again", action="store_true", help="try records already judged here too (a quieter machine)")
     adopt.set_defaults(run=_logs_adopt)
+    import_ = logs_commands.add_parser(
+        "import",
+        parents=[debug],
+        help="turn the measured.json of a device (measure.py of tune --export-candidates) into tuning records",
+    )
+    import_.add_argument("measured", help="the measured.json that measure.py wrote on the device")
+    import_.add_argument("--log-dir", help="user log root (default: $TVMLAYERS_TUNING_LOGS or ~/.local/share/...)")
+    import_.set_defaults(run=_logs_import)
     merge = logs_commands.add_parser(
         "merge", parents=[debug], help="merge log roots, keeping the best record per workload"
     )

@@ -51,7 +51,9 @@ Tuning logs (``TUNING_LOG_VERSION``), one MetaSchedule JSON database per target:
                                            "rejected": {record id: reason}, "baselines": {hash: record id},
                                            "baseline_code": {hash: code fingerprint of that baseline},
                                            "retimed": {hash: {record id: seconds}},
-                                           "trials": {hash: count} (kept by merges)}
+                                           "trials": {hash: count} (kept by merges),
+                                           "origins": {record id: where measured, if not by the tuner}}
+        offline/<export id>.json          the ledger of an offline-tuning export (below)
 
 A record id is the first 20 hex digits of the SHA-256 of ``canonical_json([workload hash, trace])``; the
 kernel key of a tuned kernel has ``"schedule": {"source": "tuned", "record": <id>, "code": ...}``.
@@ -126,6 +128,38 @@ Downloaded wheels are cached in ``$XDG_CACHE_HOME/tvmlayers/wheels/<project>-<ve
 ``sha256.json`` ({"filename", "sha256", "checked_against_pypi"}); a cached wheel whose digest differs is
 downloaded again.
 
+Offline tuning (:mod:`tvmlayers.tuning.offline`).  ``tvmlayers tune --export-candidates <folder>`` writes a
+bundle (the format above, ``run.py`` included) whose kernels are candidate schedules, plus ``measure.py``
+(``tvmlayers/tuning/offline_measure.py``, copied; not in ``files``: it is what runs the checks).  Each kernel
+entry has one more field::
+
+    "candidate": {"id": <the record id it becomes>, "export": <export id, 32 hex digits>, "target_key",
+                  "workload_hash", "spec": KernelSpec.to_json(), "layout": <weight layout>,
+                  "trace": <MetaSchedule trace JSON>, "trace_sha256": <sha256 of its canonical JSON>,
+                  "is_default": <the default schedule: the baseline>}
+
+and the same entries (less id, export and target key) are kept on the exporting machine, in the ledger
+``<log root>/<target key>/offline/<export id>.json`` (``OFFLINE_EXPORT_FORMAT``)::
+
+    {"format": OFFLINE_EXPORT_FORMAT, "export", "created", "target": <target JSON>, "target_key",
+     "tvm_version", "code": <code fingerprint>, "candidates": {<id>: {<the fields above>}}}
+
+``measure.py --out measured.json`` writes (``MEASURED_FORMAT``; rewritten after every candidate; a candidate
+whose run killed the process reads as failed, and a second run goes on with those not measured)::
+
+    {"format": MEASURED_FORMAT, "export", "target_key", "device": <GPU name, board or CPU model>,
+     "created": <unix time>,
+     "kernels": [{"name", "candidate": <the manifest's candidate field, copied>,
+                  "status": "ok" | "wrong" (differs from torch) | "failed" (did not load, run or finish),
+                  "problem": <what differed or failed, null when ok>, "median_us": <null unless ok>}]}
+
+``tvmlayers logs import measured.json`` refuses the whole file when its format, export, target or device
+name is malformed, when the export is not in this machine's ledger, or when a candidate was not exported or
+its trace, workload hash or default flag differ from the ledger's; the records it writes take the ledger's
+traces, never the file's.  Rows ``ok`` with a positive median become records (skipped, and said, when
+``ok`` comes without a time), after the allow-list and the workload hash re-derived from the spec by this
+tvmlayers; ``wrong`` and ``failed`` rows are counted.
+
 Workload files (``WORKLOAD_FORMAT``): TOML, documented in :mod:`tvmlayers.workloads`.
 Benchmark reports (``REPORT_FORMAT``): the JSON of :class:`tvmlayers.benchmark.BenchReport` and of
 :class:`tvmlayers.model_bench.ModelReport`.
@@ -149,6 +183,8 @@ REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of th
 BUNDLE_FORMAT = 1
 RUNTIME_PACK_FORMAT = 1
 TRAVEL_FORMAT = 1
+OFFLINE_EXPORT_FORMAT = 1
+MEASURED_FORMAT = 1
 
 
 def canonical_json(obj: Any) -> str:

@@ -29,12 +29,13 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import tvm
 import tvm_ffi
+from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from ..formats import TUNING_LOG_VERSION, canonical_json
@@ -57,6 +58,7 @@ _META_MAPS: dict[str, Callable[[object], bool]] = {
     "baseline_code": lambda code: isinstance(code, str),
     "retimed": lambda times: isinstance(times, dict) and all(type(t) in (int, float) for t in times.values()),
     "trials": lambda count: type(count) is int,
+    "origins": lambda origin: isinstance(origin, str),
 }
 
 
@@ -185,6 +187,7 @@ class TuningRecord:
     trace: list
     seconds: float  # mean measured run time
     target_key: str
+    origin: str = ""  # where it was measured, when not by the tuner (e.g. "measured offline on <device>")
 
     @property
     def id(self) -> str:
@@ -192,13 +195,14 @@ class TuningRecord:
         return record_id(self.workload_hash, self.trace)
 
     def provenance(self) -> dict:
-        return {
+        provenance = {
             "source": "tuned",
             "record": self.id,
             "log": str(self.directory / RECORD_FILE),
             "line": self.line,
             "tuned_us": round(self.seconds * 1e6, 3),
         }
+        return provenance | ({"origin": self.origin} if self.origin else {})
 
 
 @dataclass
@@ -249,11 +253,13 @@ class TuningLog:
 
     def _parse(self) -> tuple[dict[str, list[TuningRecord]], dict]:
         records: dict[str, list[TuningRecord]] = {}
+        meta = self.meta()
         for record, _ in _records(self.directory):
-            records.setdefault(record.workload_hash, []).append(record)
+            origin = meta["origins"].get(record.id, "")
+            records.setdefault(record.workload_hash, []).append(replace(record, origin=origin))
         for group in records.values():
             group.sort(key=lambda r: r.seconds)
-        return records, self.meta()
+        return records, meta
 
     def meta(self) -> dict:
         """``tvmlayers.json``; a malformed file or field is reported once and read as empty."""
@@ -316,10 +322,13 @@ class TuningLog:
         """Serializes writers of this log across processes (tuners, rejections, merges)."""
         return file_lock(self.directory / ".lock")
 
+    def _write_file(self, name: str, text: str) -> None:
+        tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.directory / name)
+
     def _write_meta(self, meta: dict) -> None:
-        tmp = self.directory / f".{META_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.directory / META_FILE)
+        self._write_file(META_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     def repair(self) -> int:
         """Move corrupt lines into ``<file>.corrupt`` so that MetaSchedule can open the database (it stops
@@ -381,6 +390,50 @@ class TuningLog:
             meta = self.meta()
             meta.setdefault("retimed", {})[workload] = seconds
             self._write_meta(meta)
+
+    def import_records(
+        self,
+        workloads: dict[str, tuple[KernelSpec, tvm.tirx.PrimFunc]],
+        records: list[tuple[str, list, float]],
+        origin: str,
+    ) -> set[str]:
+        """Add records measured elsewhere (``records``: workload hash, trace, seconds; ``workloads``: each hash's
+        spec and PrimFunc) as MetaSchedule would have filed them, their times as re-timed ones (measured one
+        after the other with one protocol) and ``origin`` as where; returns the ids added (those already in
+        the log are not added again).  Atomic: the record file, renamed into place last, is the commit; a crash
+        before it leaves the records as they were (a workload line or times of records that never came are
+        ignored by every reader)."""
+        with self.locked():
+            present = {record.id for record, _ in _records(self.directory)}
+            hashes = _workload_hashes(self.directory)
+            workload_lines = [line for _, line in _read_lines(self.directory / WORKLOAD_FILE)]
+            record_lines = [line for _, line in _read_lines(self.directory / RECORD_FILE)]
+            meta = self.meta()
+            added: dict[str, float] = {}
+            for shash, trace, seconds in records:
+                rid = record_id(shash, trace)
+                if rid in present or rid in added:
+                    continue
+                spec, func = workloads[shash]
+                if shash not in hashes:
+                    line = [str(part) for part in ms.database.Workload(_normalize_mod(func)).as_json()]
+                    if line[0] != shash:
+                        raise ValueError(f"{spec.describe()}: its workload hash is not {shash}")
+                    hashes.append(shash)
+                    workload_lines.append(json.dumps(line))
+                args = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(func)]
+                body = [trace, [seconds], target_json(spec.target), args]
+                record_lines.append(json.dumps([hashes.index(shash), body]))
+                meta["workloads"][shash] = spec.to_json()
+                meta["retimed"].setdefault(shash, {})[rid] = seconds
+                meta["origins"][rid] = origin
+                added[rid] = seconds
+            if added:
+                meta.update(format=TUNING_LOG_VERSION, tvm_version=tvm.__version__, target=target_json(spec.target))
+                self._write_file(WORKLOAD_FILE, "".join(line + "\n" for line in workload_lines))
+                self._write_meta(meta)
+                self._write_file(RECORD_FILE, "".join(line + "\n" for line in record_lines))  # the commit
+            return set(added)
 
     def reject(self, record: TuningRecord, reason: str) -> None:
         """Mark a record that computed wrong results: lookups skip it from now on (in this process only

@@ -121,7 +121,7 @@ def refit_trace(source: KernelSpec, record: TuningRecord, spec: KernelSpec, layo
             return refit_tile(extent, [int(f) for f in decision], int(attrs[1]))
 
         tuned.trace.apply_to_schedule(sch, remove_postproc=False, decision_provider=refit)
-        return _plain(sch.trace.as_json())
+        return plain_json(sch.trace.as_json())
     except Exception as err:  # noqa: BLE001 - whatever TVM raises, the trace does not fit this workload
         text = str(err).strip()
         raise RecordError(
@@ -129,11 +129,11 @@ def refit_trace(source: KernelSpec, record: TuningRecord, spec: KernelSpec, layo
         ) from err
 
 
-def _plain(value: object) -> object:
+def plain_json(value: object) -> object:
     """A trace's JSON as a log stores it: ``Trace.as_json`` leaves the decisions made in Python (and attributes
     copied from them) as TVM integer and float nodes."""
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     if isinstance(value, tvm.tirx.IntImm):
         return int(value.value)
     if isinstance(value, tvm.tirx.FloatImm):

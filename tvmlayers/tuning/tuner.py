@@ -68,7 +68,8 @@ def _as_workloads(workloads: str | Path | Sequence[Workload | KernelSpec]) -> li
     return [w if isinstance(w, Workload) else Workload.from_spec(w) for w in workloads]
 
 
-def _space(name: str, target: tvm.target.Target) -> object:
+def search_space(name: str, target: tvm.target.Target) -> object:
+    """MetaSchedule's space generator of ``--space name`` (one of :data:`SPACES`) for ``target``."""
     if name == "generic":
         return "post-order-apply"  # MetaSchedule's own rules for the target
 
@@ -262,7 +263,7 @@ def _run(
         ms.TuneContext(
             t.func,
             target=target,
-            space_generator=_space(space, target),
+            space_generator=search_space(space, target),
             search_strategy="evolutionary",
             task_name=t.name,
             num_threads=cores,
