@@ -375,13 +375,18 @@ def _run_on_gpu(bundle: Path, kernel: dict, function, row: dict, number: int, re
             block = kernel["weight_layout"].get("weight_block", 1)
             args = reference.kernel_arguments(shape, block, *torch_args, output_shape=out_shape)
     outputs = [torch.empty(o["shape"], dtype=getattr(torch, o["dtype"]), device=device) for o in kernel["outputs"]]
+    shapes = [list(a.shape) for a in args]
+    if shapes != [i["shape"] for i in kernel["inputs"]]:
+        return {**row, "correct": False, "problem": f"arguments of shapes {shapes}, the manifest lists other inputs"}
+    # DLPack views of torch's memory, made once: the timed calls then cost what a call of the kernel costs
+    views = [tvm_ffi.from_dlpack(t) for t in (*args, *outputs)]
     with tvm_ffi.use_torch_stream():
-        function(*args, *outputs)
+        function(*views)
     torch.cuda.synchronize()
     row = _checked(row, [o.cpu().numpy() for o in outputs], expected, kernel["tolerance"])
     if row["correct"] and repeat:
         with tvm_ffi.use_torch_stream():
-            ours = _cuda_median_ms(torch, lambda: function(*args, *outputs), number, repeat)
+            ours = _cuda_median_ms(torch, lambda: function(*views), number, repeat)
         with torch.no_grad():
             theirs = _cuda_median_ms(torch, lambda: reference.layer_outputs(op, params, *torch_args), number, repeat)
         row.update(median_us=ours * 1e3, torch_us=theirs * 1e3, ratio=ours / theirs)
@@ -392,10 +397,19 @@ def _run_on_gpu(bundle: Path, kernel: dict, function, row: dict, number: int, re
 
 
 def device_name(manifest: dict) -> str:
-    """The GPU's name for a CUDA bundle, else the machine's architecture."""
+    """The GPU's name for a CUDA bundle, else the board's model or the CPU's, and the machine's architecture (what
+    offline-tuning records say they were measured on)."""
     if manifest.get("cuda_arch"):
         torch = _torch()
         return f"{torch.cuda.get_device_name()} ({gpu_arch(torch)})"
+    for path, prefix in (("/proc/device-tree/model", ""), ("/proc/cpuinfo", "model name")):
+        try:
+            text = Path(path).read_text(errors="replace").replace("\0", "")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return f"{(line.split(':', 1)[1] if prefix else line).strip()} ({platform.machine()})"
     return platform.machine()
 
 

@@ -86,6 +86,7 @@ target, checked and timed on the device by their own ``run.py`` (Python, numpy a
     <bundle>/
         manifest.json                     the JSON below
         run.py                            tvmlayers/bundle_run.py, copied
+        tvmlayers_reference.py            tvmlayers/reference.py, copied: torch's reference on the device
         kernels/<name>.so                 one kernel each, linked by the target's (cross) gcc
         kernels/<name>.npz                its reference: input0.. (weights pre-packed), output0.. (torch's, on the host)
 
@@ -104,7 +105,12 @@ target, checked and timed on the device by their own ``run.py`` (Python, numpy a
      "files": {<path relative to the bundle>: <sha256 hex>}}   every file but manifest.json
 
 ``run.py`` refuses to load anything when a listed file is missing or its SHA-256 differs, and says so when
-the machine's architecture is not ``arch``.  ``references`` is null (and there is no ``.npz``) in a bundle
+the machine's architecture is not ``arch`` (or, for a CUDA bundle, torch sees no GPU of ``cuda_arch``).  It loads
+the kernels with apache-tvm's runtime when ``import tvm`` works, else with a runtime pack (below).  ``run.py
+--json FILE`` writes {"target_key", "cuda_arch", "device", "runtime": {"kind": "apache-tvm" | "runtime-only
+pack", "path", "tvm_version"}, "kernels": [{"name", "layer": <describe>, "correct", "problem", "max_err",
+"median_us", and on a GPU "torch_us", "ratio": <ours / torch's>}]} (``--json`` alone prints it).
+``references`` is null (and there is no ``.npz``) in a bundle
 compiled with ``--no-references`` (CUDA bundles for a GPU machine, where torch computes the references; a
 model's own weights are then not carried).  ``cuda_arch``, ``seed``, ``device_code`` and a null ``references``
 did not bump ``BUNDLE_FORMAT``: a bundle is read by the ``run.py`` it carries.
