@@ -20,7 +20,7 @@ import torch
 import tvm
 
 import tvmlayers as tl
-from tvmlayers import layer_specs
+from tvmlayers import cuda_call_check, layer_specs
 from tvmlayers.build import compile_library, kernel_for
 from tvmlayers.bundle import compile_bundle
 from tvmlayers.cli import main
@@ -159,3 +159,6 @@ def test_sm_90_bundle_without_references(tmp_path: Path):
         assert manifest["files"][kernel["library"]] == hashlib.sha256(library.read_bytes()).hexdigest()
     assert [o["dtype"] for o in manifest["kernels"][1]["outputs"]] == ["float32", "int64"]  # with indices
     assert not [name for name in manifest["files"] if name.endswith(".npz")]
+    # the GPU check of the call path reads this bundle, and here says what it needs
+    with pytest.raises(SystemExit, match=r"needs a GPU that torch sees"):
+        cuda_call_check.main([str(out)])
