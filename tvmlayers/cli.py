@@ -161,6 +161,8 @@ def _logs_import(args: argparse.Namespace) -> int:
     for counts in report.workloads.values():
         speedup = f"{counts.speedup:.2f}x over the default" if counts.speedup is not None else "default not timed"
         best = f"best {counts.best_us:.4g} us, {speedup}" if counts.best_us is not None else "none correct"
+        if counts.torch_us:
+            best += f", {counts.best_us / counts.torch_us:.2f}x torch's time ({counts.torch_us:.4g} us)"
         print(
             f"  {counts.imported} new record(s), {counts.already} already in the log, {counts.wrong} wrong, "
             f"{counts.failed} failed; {best}  {counts.spec.describe()[:80]}"

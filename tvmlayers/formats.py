@@ -157,7 +157,8 @@ whose run killed the process reads as failed, and a second run goes on with thos
      "created": <unix time>,
      "kernels": [{"name", "candidate": <the manifest's candidate field, copied>,
                   "status": "ok" | "wrong" (differs from torch) | "failed" (did not load, run or finish),
-                  "problem": <what differed or failed, null when ok>, "median_us": <null unless ok>}]}
+                  "problem": <what differed or failed, null when ok>, "median_us": <null unless ok>,
+                  "max_err": <largest error against torch's outputs>, "torch_us": <torch's time, GPU bundles>}]}
 
 ``tvmlayers logs import measured.json`` refuses the whole file when its format, export, target or device
 name is malformed, when the export is not in this machine's ledger, or when a candidate was not exported or

@@ -245,6 +245,7 @@ class WorkloadImport:
     failed: int = 0  # did not load, crashed, or were not timed
     default_us: float | None = None
     best_us: float | None = None
+    torch_us: float | None = None  # torch's time for the same layer, measured next to the best (GPU bundles)
 
     @property
     def speedup(self) -> float | None:
@@ -370,7 +371,10 @@ def import_measurements(path: str | Path, log_dir: str | Path | None = None) -> 
         records.append((shash, entry["trace"], seconds, entry["is_default"]))
         if entry["is_default"]:
             counts.default_us = seconds * 1e6
-        counts.best_us = min(seconds * 1e6, counts.best_us or math.inf)
+        if seconds * 1e6 < (counts.best_us or math.inf):
+            counts.best_us = seconds * 1e6
+            torch_us = row.get("torch_us")
+            counts.torch_us = torch_us if type(torch_us) is float and math.isfinite(torch_us) else None
     log = TuningLog.for_target(tune_log_root(log_dir), target)
     added = log.import_records(
         specs, [(shash, trace, seconds) for shash, trace, seconds, _ in records], f"measured offline on {device}"

@@ -30,28 +30,6 @@ MEASURED_FORMAT = 1  # tvmlayers.formats.MEASURED_FORMAT
 DIED = "the process died while running it"
 
 
-def device_name(manifest: dict) -> str:
-    """What the measurements were made on, in words: the GPU's name for a CUDA target, else the board's model
-    or the CPU's, and the architecture."""
-    if manifest["target"].get("kind") == "cuda":
-        try:
-            import tvm  # noqa: PLC0415 - TVM's runtime, loaded by run.py's checks anyway
-
-            return str(tvm.runtime.cuda(0).device_name)
-        except Exception as err:  # noqa: BLE001 - no driver: the runs fail and say so, the name says why
-            return f"unknown GPU ({type(err).__name__})"
-    for path, prefix in (("/proc/device-tree/model", ""), ("/proc/cpuinfo", "model name")):
-        try:
-            text = Path(path).read_text(errors="replace").replace("\0", "")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                name = line.split(":", 1)[1] if prefix else line
-                return f"{name.strip()} ({platform.machine()})"
-    return platform.machine()
-
-
 def export_id(manifest: dict) -> str:
     """The export these candidates belong to (every kernel's ``candidate`` names it)."""
     exports = {str(kernel.get("candidate", {}).get("export")) for kernel in manifest["kernels"]}
@@ -78,7 +56,7 @@ def _started(path: Path, manifest: dict) -> dict:
         "format": MEASURED_FORMAT,
         "export": export_id(manifest),
         "target_key": manifest["target_key"],
-        "device": device_name(manifest),
+        "device": run.device_name(manifest),
         "created": time.time(),
         "kernels": [],
     }
@@ -89,7 +67,7 @@ def measure(bundle: Path, out: Path, number: int, repeat: int) -> int:
     run.check_architecture(manifest, platform.machine())
     run.check_files(bundle, manifest)
     export_id(manifest)  # a plain bundle has no candidates to measure
-    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # as run.py: the runtime alone
+    run.load_runtime(bundle, bool(manifest.get("cuda_arch")))  # none here: said once, not per candidate
     measured = _started(out, manifest)
     done = {row["name"] for row in measured["kernels"]}
     for kernel in manifest["kernels"]:
@@ -101,7 +79,8 @@ def measure(bundle: Path, out: Path, number: int, repeat: int) -> int:
         try:
             result = run.run_kernel(bundle, kernel, number, repeat)
             status = "ok" if result["correct"] else "wrong"
-            row.update(status=status, problem=result["problem"], median_us=result.get("median_us"))
+            timed = {field: result.get(field) for field in ("median_us", "max_err", "torch_us")}
+            row.update(status=status, problem=result["problem"], **timed)
         except Exception as err:  # noqa: BLE001 - a candidate that does not load or launch is a failed one
             row.update(problem=f"{type(err).__name__}: {str(err).strip()[-300:]}", median_us=None)
         _write(out, measured)
