@@ -1,2 +1,2 @@
 """Tuning logs shipped with tvmlayers (data only): one MetaSchedule database per target key.
-See tvmlayers/tuning/database.py for the layout."""
+See tvmlayers/records/database.py for the layout."""
