@@ -1,2 +1,2 @@
 """Tuning logs shipped with tvmlayers (data only): one MetaSchedule database per target key.
-See tvmlayers/records/database.py for the layout."""
+Their layout is documented in tvmlayers/formats.py."""

@@ -1,14 +1,7 @@
 """Tuning logs: one MetaSchedule JSON database per target, indexed once per process.
 
-Directory layout (format version ``TUNING_LOG_VERSION``; see also :mod:`tvmlayers.formats`)::
-
-    <log root>/<target key>/              target key: tvmlayers.targets.target_key, e.g.
-                                          llvm-x86_64-linux-gnu-icelake-server
-        database_workload.json            MetaSchedule: one line per workload [shash, base64 module]
-        database_tuning_record.json       MetaSchedule: one line per measured candidate
-                                          [workload index, [trace, run seconds, target, arg info]]
-        tvmlayers.json                    ours: {"format", "tvm_version", "target", "workloads":
-                                          {shash: spec JSON}, "rejected": {record id: reason}}
+The folder layout and the files in it (format version ``TUNING_LOG_VERSION``) are documented in
+:mod:`tvmlayers.formats`, the one home of every on-disk format.
 
 MetaSchedule's database does not key records by target, so tvmlayers keeps one directory per target
 and also checks every record's own target before applying it.  A record is code (its trace is compiled
