@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -318,6 +319,7 @@ def run_kernel(bundle: Path, kernel: dict, number: int, repeat: int) -> dict:
     return row
 
 
+@functools.cache
 def _reference_module(bundle: Path):  # noqa: ANN202 - a module
     path = bundle / REFERENCE_MODULE
     if not path.is_file():
