@@ -169,10 +169,7 @@ def test_a_candidate_marked_ok_without_a_time_is_skipped_and_said(exported, tmp_
     def fake_ok(measured: dict) -> None:
         measured["kernels"][1].update(status="ok", median_us=None)
 
-    logs = tmp_path / "logs"
-    shutil.copytree(exported["logs"], logs)
-    for records in next(logs.iterdir()).glob("database_*.json"):
-        records.write_text("")  # the ledger alone: the state right after the export
+    logs = _fresh_log(exported, tmp_path)
     report = import_measurements(_tampered(exported, tmp_path, fake_ok), logs)
     assert any("marked ok but without a run time; not imported" in line for line in report.skipped)
     conv = next(w for w in report.workloads.values() if w.spec.op == "conv2d")
@@ -199,21 +196,35 @@ def test_candidates_that_compute_wrong_results_are_counted_not_imported(exported
     (folder / "manifest.json").write_text(json.dumps(manifest))
     measured = _measure(folder, tmp_path / "measured.json")
     assert {r["status"] for r in measured["kernels"] if r["candidate"]["spec"]["op"] == "conv2d"} == {"wrong"}
-    logs = tmp_path / "logs"
-    shutil.copytree(exported["logs"], logs)
-    for records in next(logs.iterdir()).glob("database_*.json"):
-        records.write_text("")
+    logs = _fresh_log(exported, tmp_path)
     report = import_measurements(tmp_path / "measured.json", logs)
     conv_counts = next(w for w in report.workloads.values() if w.spec.op == "conv2d")
     assert conv_counts.imported == 0 and conv_counts.wrong == len(_by_workload_rows(exported)[0])
     assert conv_counts.best_us is None
 
 
-def test_an_import_that_dies_before_its_commit_leaves_the_records_as_they_were(exported, tmp_path, monkeypatch):
+def test_a_second_export_after_an_import_brings_new_candidates(exported, tmp_path):
+    logs = _fresh_log(exported, tmp_path)
+    first = {r["candidate"]["id"] for r in exported["rows"]["kernels"] if not r["candidate"]["is_default"]}
+    assert first  # the first export had sampled candidates
+    import_measurements(exported["measured"], logs)
+    again = export_candidates(_workloads(CONV, RELU), "host", tmp_path / "again", count=3, log_dir=logs)
+    groups = list(again.candidates.values())
+    assert all(group[0].is_default for group in groups)  # the baseline is measured again, with the others
+    assert not first & {c.id for group in groups for c in group[1:]}
+
+
+def _fresh_log(exported: dict, tmp_path: Path) -> Path:
+    """A copy of the exported log root as it was right after the export: its ledger, no records."""
     logs = tmp_path / "logs"
     shutil.copytree(exported["logs"], logs)
     for records in next(logs.iterdir()).glob("database_*.json"):
         records.write_text("")
+    return logs
+
+
+def test_an_import_that_dies_before_its_commit_leaves_the_records_as_they_were(exported, tmp_path, monkeypatch):
+    logs = _fresh_log(exported, tmp_path)
     real_replace = Path.replace
 
     def dies_at_the_record_file(self: Path, target: Path) -> Path:

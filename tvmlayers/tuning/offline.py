@@ -110,10 +110,11 @@ def ledger_path(log_dir: str | Path | None, key: str, export: str) -> Path:
 
 
 def sample_candidates(
-    spec: KernelSpec, count: int, space: str = "ours", seed: int = 0
-) -> tuple[list[Candidate], int]:
+    spec: KernelSpec, count: int, space: str = "ours", seed: int = 0, measured: frozenset[str] = frozenset()
+) -> list[Candidate]:
     """The default schedule of ``spec`` and up to ``count`` distinct other schedules sampled from the search
-    space; returns them and how many samples were drawn (a small space runs out before ``count``)."""
+    space (fewer when a small space runs out), none of the records ``measured`` already (their ids): a second
+    export after an import brings new candidates."""
     tgt = spec.target
     layout = schedules.weight_layout(spec)
     func = ops.prim_func(spec, layout)
@@ -125,7 +126,7 @@ def sample_candidates(
     designs = context.generate_design_space()
     postprocs = context.space_generator.postprocs
     drawn = 0
-    while len(taken) <= count and drawn < count * SAMPLES_PER_CANDIDATE:
+    while len(taken) <= count and drawn < (count + len(measured)) * SAMPLES_PER_CANDIDATE:
         design = designs[drawn % len(designs)]
         drawn += 1
         sch = tvm.s_tir.Schedule(context.mod, seed=seed * 100_003 + drawn)
@@ -141,8 +142,10 @@ def sample_candidates(
         if program in programs or trace_problem(trace) is not None:
             continue
         programs.add(program)
-        taken.append(Candidate(spec, layout, shash, trace, False, sch))
-    return taken, drawn
+        candidate = Candidate(spec, layout, shash, trace, False, sch)
+        if candidate.id not in measured:
+            taken.append(candidate)
+    return taken
 
 
 @dataclass
@@ -183,7 +186,12 @@ def export_candidates(
     if not specs:
         raise ValueError("no workloads to export candidates for")
     export = secrets.token_hex(16)
-    candidates = {spec: sample_candidates(spec, count, space, seed)[0] for spec in specs}
+    log = TuningLog.for_target(tune_log_root(log_dir), tgt)
+    candidates = {}
+    for spec in specs:
+        shash = workload_hash(ops.prim_func(spec, schedules.weight_layout(spec)))
+        measured = frozenset(record.id for record in log.records(shash))
+        candidates[spec] = sample_candidates(spec, count, space, seed, measured)
     calls = [
         LayerCall(
             spec,
