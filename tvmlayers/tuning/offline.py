@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import tvm
 import tvm_ffi
@@ -83,6 +84,8 @@ class Candidate:
     trace: list
     is_default: bool
     schedule: tvm.s_tir.Schedule
+
+    LEDGER_FIELDS: ClassVar = frozenset({"workload_hash", "spec", "layout", "trace", "trace_sha256", "is_default"})
 
     @property
     def id(self) -> str:
@@ -176,6 +179,9 @@ def export_candidates(
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     if type(count) is not int or count < 0:
         raise ValueError(f"the number of candidates must be a non-negative integer, got {count!r}")
+    out = Path(out_dir)
+    if out.exists() and not (out / "measure.py").exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a candidates folder: choose an empty or new folder")
     start = time.monotonic()
     import_tensor_intrin()
     tgt = resolve_target(target)
@@ -204,9 +210,6 @@ def export_candidates(
         for spec, group in candidates.items()
         for candidate in group
     ]
-    out = Path(out_dir)
-    if out.exists() and not (out / "measure.py").exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a candidates folder: choose an empty or new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
@@ -271,15 +274,13 @@ class ImportReport:
 
 
 def _read_measured(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.stat().st_size > MAX_MEASURED_BYTES:
+        raise MeasuredFileError(f"{path} is over {MAX_MEASURED_BYTES >> 20} MiB: not a measured.json of ours")
     try:
-        if path.stat().st_size > MAX_MEASURED_BYTES:
-            raise MeasuredFileError(f"{path} is over {MAX_MEASURED_BYTES >> 20} MiB: not a measured.json of ours")
         measured = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
     except (ValueError, RecursionError) as err:
-        if isinstance(err, MeasuredFileError):
-            raise
         raise MeasuredFileError(f"{path} is not JSON ({str(err)[:200]}): give the file measure.py wrote") from None
     if not isinstance(measured, dict) or measured.get("format") != MEASURED_FORMAT:
         found = measured.get("format") if isinstance(measured, dict) else type(measured).__name__
@@ -307,7 +308,16 @@ def _read_ledger(path: Path, measured_path: Path, key: str, export: str) -> dict
         ) from None
     except (OSError, ValueError) as err:
         raise MeasuredFileError(f"the export ledger {path} is unreadable ({err}); export the candidates again") from err
-    if not isinstance(ledger, dict) or ledger.get("format") != OFFLINE_EXPORT_FORMAT or ledger.get("target_key") != key:
+    entries = ledger.get("candidates") if isinstance(ledger, dict) else None
+    valid = (
+        isinstance(ledger, dict)
+        and ledger.get("format") == OFFLINE_EXPORT_FORMAT
+        and ledger.get("target_key") == key
+        and isinstance(ledger.get("target"), dict)
+        and isinstance(entries, dict)
+        and all(isinstance(e, dict) and e.keys() >= Candidate.LEDGER_FIELDS for e in entries.values())
+    )
+    if not valid:
         raise MeasuredFileError(f"the export ledger {path} is not one of ours for {key}; export the candidates again")
     return ledger
 
@@ -333,30 +343,15 @@ def import_measurements(path: str | Path, log_dir: str | Path | None = None) -> 
     if target_key(target) != key:
         raise MeasuredFileError(f"the export ledger of {export} names another target than {key}")
     workloads: dict[str, WorkloadImport] = {}
-    records: list[tuple[str, list, float, bool]] = []  # (workload hash, trace, seconds, is default)
+    records: list[tuple[str, list, float]] = []  # (workload hash, trace, seconds)
     specs: dict[str, tuple[KernelSpec, tvm.tirx.PrimFunc]] = {}
     skipped, seen = [], set()
     for number, row in enumerate(measured["kernels"], start=1):
-        candidate = row.get("candidate")
         where = f"{path}: kernel {number} ({str(row.get('name'))[:40]})"
-        if not isinstance(candidate, dict) or not isinstance(candidate.get("id"), str):
-            raise MeasuredFileError(f"{where} has no candidate id: not a row measure.py writes")
-        entry = exported.get(candidate["id"])
-        if entry is None:
-            raise MeasuredFileError(f"{where}: candidate {candidate['id'][:20]} was not exported in {export}; refused")
-        if candidate.get("target_key") != key or candidate.get("export") != export:
-            raise MeasuredFileError(f"{where}: its candidate is of another target or export than the file; refused")
-        altered = [f for f in ("workload_hash", "trace_sha256", "is_default") if candidate.get(f) != entry[f]]
-        if trace_sha256(candidate.get("trace")) != entry["trace_sha256"]:
-            altered.append("trace")
-        if altered:
-            raise MeasuredFileError(
-                f"{where}: its {', '.join(altered)} differ from what was exported; refusing the whole file, as it "
-                "was changed after the export"
-            )
-        if candidate["id"] in seen:
-            raise MeasuredFileError(f"{where}: candidate {candidate['id'][:20]} is measured twice; refused")
-        seen.add(candidate["id"])
+        entry = _exported_entry(row, measured, exported, where)
+        if row["candidate"]["id"] in seen:
+            raise MeasuredFileError(f"{where}: candidate {row['candidate']['id'][:20]} is measured twice; refused")
+        seen.add(row["candidate"]["id"])
         shash = entry["workload_hash"]
         if shash not in specs:
             specs[shash] = _workload(entry, target, where)
@@ -376,7 +371,7 @@ def import_measurements(path: str | Path, log_dir: str | Path | None = None) -> 
             skipped.append(f"{where}: refused, not on the allow-list of tuning-record instructions: {err}")
             counts.failed += 1
             continue
-        records.append((shash, entry["trace"], seconds, entry["is_default"]))
+        records.append((shash, entry["trace"], seconds))
         if entry["is_default"]:
             counts.default_us = seconds * 1e6
         if seconds * 1e6 < (counts.best_us or math.inf):
@@ -384,15 +379,35 @@ def import_measurements(path: str | Path, log_dir: str | Path | None = None) -> 
             torch_us = row.get("torch_us")
             counts.torch_us = torch_us if type(torch_us) is float and math.isfinite(torch_us) else None
     log = TuningLog.for_target(tune_log_root(log_dir), target)
-    added = log.import_records(
-        specs, [(shash, trace, seconds) for shash, trace, seconds, _ in records], f"measured offline on {device}"
-    )
-    for shash, trace, _, _ in records:
+    added = log.import_records(specs, records, f"measured offline on {device}")
+    for shash, trace, _ in records:
         if record_id(shash, trace) in added:
             workloads[shash].imported += 1
         else:
             workloads[shash].already += 1
     return ImportReport(log.directory, device, workloads, skipped)
+
+
+def _exported_entry(row: dict, measured: dict, exported: dict, where: str) -> dict:
+    """The ledger's entry of the candidate a row measured; MeasuredFileError unless the row's candidate is one
+    that was exported, unchanged, for the file's target and export."""
+    candidate, export = row.get("candidate"), measured["export"]
+    if not isinstance(candidate, dict) or not isinstance(candidate.get("id"), str):
+        raise MeasuredFileError(f"{where} has no candidate id: not a row measure.py writes")
+    entry = exported.get(candidate["id"])
+    if entry is None:
+        raise MeasuredFileError(f"{where}: candidate {candidate['id'][:20]} was not exported in {export}; refused")
+    if candidate.get("target_key") != measured["target_key"] or candidate.get("export") != export:
+        raise MeasuredFileError(f"{where}: its candidate is of another target or export than the file; refused")
+    altered = [f for f in ("workload_hash", "trace_sha256", "is_default") if candidate.get(f) != entry[f]]
+    if trace_sha256(candidate.get("trace")) != entry["trace_sha256"]:
+        altered.append("trace")
+    if altered:
+        raise MeasuredFileError(
+            f"{where}: its {', '.join(altered)} differ from what was exported; refusing the whole file, as it was "
+            "changed after the export"
+        )
+    return entry
 
 
 def _workload(entry: dict, target: tvm.target.Target, where: str) -> tuple[KernelSpec, tvm.tirx.PrimFunc]:
