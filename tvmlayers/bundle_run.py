@@ -468,12 +468,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     rows = []
-    for kernel in manifest["kernels"]:
-        try:
-            rows.append(run_kernel(bundle, kernel, args.number, args.repeat))
-        except Exception as err:  # noqa: BLE001 - a kernel that does not load or run is reported, the others still run
-            problem = f"failed: {type(err).__name__}: {str(err).strip()[-500:]}"
-            rows.append({"name": kernel["name"], "layer": kernel["describe"], "correct": False, "problem": problem})
     report = {
         "target_key": manifest["target_key"],
         "cuda_arch": manifest.get("cuda_arch"),
@@ -481,12 +475,18 @@ def main(argv: list[str] | None = None) -> int:
         "runtime": {key: runtime[key] for key in ("kind", "path", "tvm_version")},
         "kernels": rows,
     }
-    if args.json == "-":
-        print(json.dumps(report))
-    else:
-        print(table(manifest, rows, runtime))
-        if args.json:
+    to_file = args.json not in (None, "-")
+    for kernel in manifest["kernels"]:
+        if to_file:  # a log of the scripted run names the kernel it was in when it hung or died
+            print(f"run.py: {kernel['name']}  {kernel['describe'][:100]}", file=sys.stderr, flush=True)
+        try:
+            rows.append(run_kernel(bundle, kernel, args.number, args.repeat))
+        except Exception as err:  # noqa: BLE001 - a kernel that does not load or run is reported, the others still run
+            problem = f"failed: {type(err).__name__}: {str(err).strip()[-500:]}"
+            rows.append({"name": kernel["name"], "layer": kernel["describe"], "correct": False, "problem": problem})
+        if to_file:  # after every kernel: a run cut short (a timeout) keeps what it measured
             _write_atomically(Path(args.json), json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report) if args.json == "-" else table(manifest, rows, runtime))
     return 0 if all(row["correct"] for row in rows) else 1
 
 
