@@ -23,7 +23,7 @@ fi
 payload=${1:-.gpu_payload}
 python=${PYTHON:-python3}
 bundle_timeout_s=${BUNDLE_TIMEOUT_S:-100}   # each bundle; the whole check is meant to take under 5 minutes
-candidates_timeout_s=${CANDIDATES_TIMEOUT_S:-90}
+candidates_timeout_s=${CANDIDATES_TIMEOUT_S:-180}  # each candidates folder (ResNet-18: 306 kernels)
 
 if [ -z "${OUT:-}" ]; then
     if [ "$dry_run" = 1 ]; then
