@@ -14,7 +14,7 @@ from tvmlayers.spec import KernelSpec
 
 from .cpu import CpuFamily, cpu_config, is_simd_cpu
 from .generic import GenericFamily
-from .gpu import GpuFamily
+from .gpu import GpuFamily, is_cuda
 from .rule import RuleFamily, ScheduleRule
 
 __all__ = ["FAMILIES", "RuleFamily", "ScheduleRule", "default_schedule", "rules_for", "weight_layout"]
@@ -59,6 +59,10 @@ def weight_layout(spec: KernelSpec) -> dict:
     block that does not divide the output channels pads the last block with zeros (ungrouped convs)."""
     if spec.op not in ("conv2d", "linear"):
         return {}
+    if is_cuda(spec.target):
+        # the GPU rules stage weights through shared memory, which a cooperative fetch fills with coalesced
+        # reads of torch's layout: blocks would only add a copy of the weights
+        return {"weight_block": 1}
     # the CPU rules vectorize over a block; any other rule reads torch's layout best
     config = cpu_config(spec.target) if is_simd_cpu(spec.target) else None
     lanes = config.vector_lanes(spec.dtype) if config is not None else 1

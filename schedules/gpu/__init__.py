@@ -22,6 +22,7 @@ __all__ = [
     "GpuMaxPool2d",
     "GpuRelu",
     "gpu_config",
+    "is_cuda",
 ]
 
 

@@ -7,7 +7,7 @@ Nothing here is measured yet: the comments say why each value, the GPU check say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tvm
 
@@ -57,7 +57,8 @@ class GpuConfig:
 
     @property
     def max_tunable_threads(self) -> int:
-        return min(self.max_threads, self.max_thread_channels * self.max_thread_rows * self.max_thread_columns)
+        """The most threads per block a search space samples (the linear spaces' channels x columns fewer)."""
+        return self.max_thread_channels * self.max_thread_rows * self.max_thread_columns
 
 
 def is_cuda(target: tvm.target.Target) -> bool:
@@ -76,6 +77,8 @@ def gpu_config(target: tvm.target.Target) -> GpuConfig:
         warp=int(attrs.get("thread_warp_size", 32)),
         sm_count=SM_COUNTS.get(str(attrs.get("arch", "")).rstrip("af"), DEFAULT_SM_COUNT),
     )
-    if config.max_tunable_threads > max_threads or config.gemm_threads > max_threads:
-        raise ValueError(f"target {target} allows {max_threads} threads per block, fewer than the GPU rules use")
-    return config
+    # a target dict that allows fewer threads per block: fewer channel threads, then smaller blocks
+    while config.max_tunable_threads > max_threads and config.max_thread_channels > 1:
+        config = replace(config, max_thread_channels=config.max_thread_channels // 2)
+    threads = min(config.gemm_threads, max_threads)
+    return replace(config, gemm_threads=threads, elementwise_threads=min(config.elementwise_threads, max_threads))

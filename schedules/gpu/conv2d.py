@@ -22,7 +22,7 @@ from tvm.sym.pattern import detect_linear_equation
 
 from ..rule import has_block, input_dtype, largest_divisor, op_of
 from .config import GpuConfig, gpu_config
-from .tiling import DEFAULT_UNROLL, THREAD_CHOICES, ReduceDim, TileDim, tile_reduction
+from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, sample_threads, tile_reduction
 
 
 def _window(sch: Schedule) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -185,10 +185,8 @@ class GpuConv2dDepthwise:
             regs = largest_divisor(cols, config.reg_pixels)
         x_outer, x_reg = sch.split(x, [None, regs])
         pixels = sch.fuse(n, ob, y, x_outer)
-        if tunable:  # whole warps; a count that does not divide the pixels leaves the last block partly idle
-            threads = sch.sample_categorical(list(THREAD_CHOICES), [1 / len(THREAD_CHOICES)] * len(THREAD_CHOICES))
-        else:
-            threads = config.elementwise_threads
+        # whole warps; a count that does not divide the pixels leaves the last block partly idle
+        threads = sample_threads(sch, config.max_threads) if tunable else config.elementwise_threads
         block_loop, thread = sch.split(pixels, [None, threads])
         sch.reorder(block_loop, thread, c, i, j, x_reg, oi)
         sch.bind(block_loop, "blockIdx.x")

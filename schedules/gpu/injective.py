@@ -12,17 +12,16 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from ..rule import op_of
-from .config import gpu_config
-from .tiling import DEFAULT_UNROLL, THREAD_CHOICES
+from .config import GpuConfig, gpu_config
+from .tiling import DEFAULT_UNROLL, sample_threads
 
 
-def spread_over_threads(sch: Schedule, block: SBlockRV, spatial: int, threads: int, tunable: bool) -> LoopRV:
-    """Fuse the ``spatial`` outermost loops of ``block`` and bind them to blocks of ``threads`` threads (a
-    sampled choice of :data:`THREAD_CHOICES` when ``tunable``); returns the thread loop."""
+def spread_over_threads(sch: Schedule, block: SBlockRV, spatial: int, config: GpuConfig, tunable: bool) -> LoopRV:
+    """Fuse the ``spatial`` outermost loops of ``block`` and bind them to blocks of ``elementwise_threads``
+    threads (a sampled count when ``tunable``); returns the thread loop."""
     loops = sch.get_loops(block)[:spatial]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if tunable:
-        threads = sch.sample_categorical(list(THREAD_CHOICES), [1 / len(THREAD_CHOICES)] * len(THREAD_CHOICES))
+    threads = sample_threads(sch, config.max_threads) if tunable else config.elementwise_threads
     block_loop, thread = sch.split(fused, [None, threads])
     sch.bind(block_loop, "blockIdx.x")
     sch.bind(thread, "threadIdx.x")
@@ -37,7 +36,7 @@ class GpuRelu:
             return None
         sch = Schedule(func)
         block = sch.get_sblock("relu")
-        spread_over_threads(sch, block, len(sch.get_loops(block)), gpu_config(target).elementwise_threads, tunable)
+        spread_over_threads(sch, block, len(sch.get_loops(block)), gpu_config(target), tunable)
         return sch
 
 
@@ -51,7 +50,7 @@ class GpuMaxPool2d:
             return None
         sch = Schedule(func)
         block = sch.get_sblock("max_pool2d")
-        thread = spread_over_threads(sch, block, 4, gpu_config(target).elementwise_threads, tunable)
+        thread = spread_over_threads(sch, block, 4, gpu_config(target), tunable)
         sch.annotate(thread, "pragma_auto_unroll_max_step", DEFAULT_UNROLL)
         sch.annotate(thread, "pragma_unroll_explicit", 1)
         return sch

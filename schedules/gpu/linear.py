@@ -16,7 +16,9 @@ from tvm.s_tir import Schedule
 
 from ..rule import block_extents, largest_divisor, op_of
 from .config import gpu_config
-from .tiling import DEFAULT_UNROLL, THREAD_CHOICES, ReduceDim, TileDim, tile_reduction
+from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, sample_threads, tile_reduction
+
+GEMV_LANES = (32, 64, 128)  # lanes per output of the GEMV search space
 
 
 def _is_linear(func: tvm.tirx.PrimFunc) -> bool:
@@ -49,12 +51,12 @@ class GpuLinearTiled:
             fits = [s for s in fits if (tile_rows + tile_features) * s * itemsize <= config.shared_bytes]
             return max(fits, default=1)
 
-        # the search space's largest tiles: rows and features each up to max_thread_columns x max_regs
-        largest = config.max_thread_columns * config.max_regs
+        # the search space: threads along rows as conv's along channels, along features as along columns
         dims = [
-            TileDim(m, "threadIdx.y", ty, ry, config.max_thread_columns, config.max_regs),
+            TileDim(m, "threadIdx.y", ty, ry, config.max_thread_channels, config.max_regs),
             TileDim(ob, "threadIdx.x", tx, rx, config.max_thread_columns, config.max_regs),
         ]
+        largest = max(config.max_thread_channels, config.max_thread_columns) * config.max_regs
         # 32 steps of in_features per refill: with 4 x 4 register tiles, 32 FMAs per shared value loaded twice
         reduce = ReduceDim(k, step(ty * ry, tx * rx, 4 * config.reduce_tile), step(largest, largest, 64))
         return tile_reduction(sch, acc, out, [], dims, [oi], reduce, [], [0, 1], tunable)
@@ -73,11 +75,13 @@ class GpuLinearGemv:
             return None
         acc, out = sch.get_sblock("linear_blocked"), sch.get_sblock("linear")
         m, ob, oi, k = sch.get_loops(acc)
-        if tunable:
-            lanes = sch.sample_categorical(list(THREAD_CHOICES[:3]), [1 / 3] * 3)  # 64, 128, 256 lanes
-            _, outputs = sch.sample_perfect_tile(ob, n=2, max_innermost_factor=config.gemv_outputs * 2)
+        if tunable:  # one to four warps of lanes, up to twice the outputs per block: at most 1024 threads
+            most_outputs = max(1, min(2 * config.gemv_outputs, config.max_threads // GEMV_LANES[0]))
+            lanes = sample_threads(sch, config.max_threads // most_outputs, GEMV_LANES)
+            _, outputs = sch.sample_perfect_tile(ob, n=2, max_innermost_factor=most_outputs)
         else:
-            lanes, outputs = config.gemv_lanes, largest_divisor(features, config.gemv_outputs)
+            lanes = config.gemv_lanes
+            outputs = largest_divisor(features, min(config.gemv_outputs, max(1, config.max_threads // lanes)))
         block_loop, output = sch.split(ob, [None, outputs])
         k_outer, lane = sch.split(k, [None, lanes])
         sch.reorder(m, block_loop, output, oi, k_outer, lane)

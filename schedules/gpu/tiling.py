@@ -29,6 +29,12 @@ DEFAULT_UNROLL = 512
 THREAD_CHOICES = (64, 128, 256, 512, 1024)
 
 
+def sample_threads(sch: Schedule, limit: int, choices: Sequence[int] = THREAD_CHOICES) -> object:
+    """A sampled thread count among ``choices`` up to ``limit`` (uniformly: nothing is known about them yet)."""
+    allowed = [c for c in choices if c <= limit] or [min(choices)]
+    return sch.sample_categorical(allowed, [1 / len(allowed)] * len(allowed))
+
+
 @dataclass(frozen=True)
 class TileDim:
     """One dimension of the output tiled over blocks, threads and registers.
