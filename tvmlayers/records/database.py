@@ -15,6 +15,7 @@ process with its file and line, and skipped.  Log roots are searched in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -180,7 +181,9 @@ class TuningRecord:
     trace: list
     seconds: float  # mean measured run time
     target_key: str
-    origin: str = ""  # where it was measured, when not by the tuner (e.g. "measured offline on <device>")
+    # where it was measured, when not by the tuner ("measured offline on <device>"); keyword-only: subclasses
+    # (records.verdicts.BorrowedRecord) add their own fields after the positional ones
+    origin: str = dataclasses.field(default="", kw_only=True)
 
     @property
     def id(self) -> str:
