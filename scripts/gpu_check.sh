@@ -9,8 +9,9 @@
 #
 # Steps: validate the payload (every bundle's files against its manifest), check the GPU's architecture, run every
 # bundle's run.py (check against torch on the GPU, then time ours and torch's op with CUDA events) writing
-# $OUT/<bundle>.json, .log and .rc, measure the candidates folders (measure.py -> $OUT/measured-<name>.json), and
-# summarize: $OUT/gpu_check.json and $OUT/summary.md.  A failing bundle is reported and the next one runs.
+# <bundle>.json, .log and .rc, measure the candidates folders (measure.py -> measured-<name>.json), and summarize.
+# $OUT receives summary.md, gpu_check.json, the measured-*.json files (for `tvmlayers logs import`) and
+# details.tar.gz with everything else.  A failing bundle is reported and the next one runs.
 # --dry-run validates the payload (with any Python, e.g. here) and prints the commands it would run.
 # Exit status: 0 when every bundle matched torch and every run finished, 1 otherwise, 2 when nothing could run.
 set -u
@@ -67,33 +68,41 @@ if [ "$dry_run" = 1 ]; then
 fi
 
 started=$(date +%s)
-"$python" "$report" check-gpu "$payload" > "$OUT/gpu.txt" 2>&1 || fail "$(cat "$OUT/gpu.txt")"
-cat "$OUT/gpu.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$OUT/gpu.txt" 2>&1 || true
+# Every run's files are written to a work folder first: the device tool brings back at most 8 files from $OUT,
+# so $OUT ends with summary.md, gpu_check.json, the measured-*.json files and details.tar.gz (all the rest).
+work=$(mktemp -d) || fail "cannot create a work folder"
+"$python" "$report" check-gpu "$payload" > "$work/gpu.txt" 2>&1 || fail "$(cat "$work/gpu.txt")"
+cat "$work/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$work/gpu.txt" 2>&1 || true
 
 status=0
 for path in $bundles; do
     name=$(basename "$path")
     begin=$(date +%s)
     PYTHONPATH="$runtime${PYTHONPATH:+:$PYTHONPATH}" timeout "$bundle_timeout_s" \
-        "$python" "$payload/$path/run.py" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        "$python" "$payload/$path/run.py" --json "$work/$name.json" > "$work/$name.log" 2>&1
     rc=$?
-    echo "$rc" > "$OUT/$name.rc"
+    echo "$rc" > "$work/$name.rc"
     [ "$rc" = 0 ] || status=1
-    [ "$rc" = 124 ] && echo "timed out after $bundle_timeout_s s" >> "$OUT/$name.log"
-    echo "bundle $name: exit status $rc after $(( $(date +%s) - begin )) s ($OUT/$name.log)"
+    [ "$rc" = 124 ] && echo "timed out after $bundle_timeout_s s" >> "$work/$name.log"
+    echo "bundle $name: exit status $rc after $(( $(date +%s) - begin )) s ($name.log)"
 done
 for path in $candidates; do
     name=$(basename "$path")
     begin=$(date +%s)
     PYTHONPATH="$runtime${PYTHONPATH:+:$PYTHONPATH}" timeout "$candidates_timeout_s" \
-        "$python" "$payload/$path/measure.py" --out "$OUT/measured-$name.json" > "$OUT/measured-$name.log" 2>&1
+        "$python" "$payload/$path/measure.py" --out "$work/measured-$name.json" > "$work/measured-$name.log" 2>&1
     rc=$?
     [ "$rc" = 0 ] || status=1
-    echo "candidates $name: exit status $rc after $(( $(date +%s) - begin )) s ($OUT/measured-$name.log)"
+    echo "candidates $name: exit status $rc after $(( $(date +%s) - begin )) s (measured-$name.log)"
 done
 
-"$python" "$report" summarize "$payload" "$OUT" > /dev/null || { echo "gpu_check.sh: the summary failed" >&2; status=1; }
+"$python" "$report" summarize "$payload" "$work" > /dev/null || { echo "gpu_check.sh: the summary failed" >&2; status=1; }
+for kept in "$work"/summary.md "$work"/gpu_check.json "$work"/measured-*.json; do
+    [ -f "$kept" ] && mv "$kept" "$OUT/"
+done
+tar -czf "$OUT/details.tar.gz" -C "$work" . || status=1
+rm -rf "$work"
 cat "$OUT/summary.md" 2>/dev/null
-echo "gpu_check.sh: $(( $(date +%s) - started )) s; results in $OUT (summary.md, gpu_check.json)"
+echo "gpu_check.sh: $(( $(date +%s) - started )) s; results in $OUT (summary.md, gpu_check.json, measured-*.json; every log in details.tar.gz)"
 exit "$status"
