@@ -9,7 +9,9 @@ and bumps the input's version.  A channels_last input gives a channels_last outp
 
 Each op is split in two.  The *plan* (``_<op>_plan``) takes only hashable facts (shapes, dtypes,
 devices, parameters, target), checks them with torch's messages and finds the compiled kernel; it is
-memoized, so a layer called again with the same shapes pays a dictionary lookup, not the checks.
+memoized, so a layer called again with the same shapes pays a dictionary lookup, not the checks.  For
+relu and linear the two halves are public (``relu_plan``/``relu_run``, ``linear_plan``/``linear_run``):
+a ``tvmlayers.nn`` module keeps its last plan and, called again alike, skips even the lookup.
 The per-call part only touches tensors: make them contiguous, pack the weight, allocate, call.
 
 A conv2d/linear weight is packed once per version (``tvmlayers.layouts.packed_weight``); after writing
@@ -441,34 +443,46 @@ def linear(
     """
     if traced(input):
         return _torch_ops().linear(input, weight, bias, fuse_relu, fuse_relu6, target)
-    return linear_with_plan(input, weight, bias, target, fuse_relu, fuse_relu6)[0]
+    plan = linear_plan(input, weight, bias, target, fuse_relu, fuse_relu6)
+    return linear_run(plan, input, weight, bias, fuse_relu, fuse_relu6)
 
 
-def linear_with_plan(
+def linear_plan(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target: TargetLike,
     fuse_relu: bool = False,
     fuse_relu6: bool = False,
-) -> tuple[torch.Tensor, Plan]:
-    """``linear`` (followed by relu or relu6 in the same kernel with ``fuse_relu``/``fuse_relu6``) and the plan
-    that computed it."""
+) -> Plan:
+    """The plan of ``linear`` (followed by relu or relu6 in the same kernel with ``fuse_relu``/``fuse_relu6``)
+    on these tensors' facts; raises torch's errors for arguments torch refuses."""
     tensors = (_facts("linear", 0, input), _facts("linear", 1, weight), _facts("linear", 2, bias))
-    plan = _linear_plan(tensors, resolve_target(target), bool(fuse_relu), bool(fuse_relu6))
+    return _linear_plan(tensors, resolve_target(target), bool(fuse_relu), bool(fuse_relu6))
+
+
+def linear_run(
+    plan: Plan,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fuse_relu: bool = False,
+    fuse_relu6: bool = False,
+) -> torch.Tensor:
+    """``linear`` by ``plan``, which ``linear_plan`` made for tensors with these facts."""
     if plan.kernel is None:
         # an empty product, no kernel: torch's own op gives the result (empty, or the broadcast bias) and,
         # where grad is required, its gradients
-        return torch_activation(torch.nn.functional.linear(input, weight, bias), fuse_relu, fuse_relu6), plan
+        return torch_activation(torch.nn.functional.linear(input, weight, bias), fuse_relu, fuse_relu6)
     if torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return Layer.apply(_linear, plan, input, weight, bias), plan
-    return _linear(plan, input, weight, bias), plan
+        return Layer.apply(_linear, plan, input, weight, bias)
+    return _linear(plan, input, weight, bias)
 
 
 def _linear(plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel's call of ``linear_with_plan``."""
+    """The kernel's call of ``linear_run``."""
     return _caller_view(_run_with_weight(plan, input, weight, bias), plan)
 
 
@@ -491,17 +505,21 @@ def relu(input: torch.Tensor, inplace: bool = False, *, target: TargetLike = Non
     """max(0, x) elementwise; with ``inplace=True`` the result is written into ``input``, which is returned."""
     if traced(input):
         return _torch_ops().relu(input, inplace, target)
-    return relu_with_plan(input, inplace, target)[0]
+    return relu_run(relu_plan(input, target), input, inplace)
 
 
-def relu_with_plan(input: torch.Tensor, inplace: bool, target: TargetLike) -> tuple[torch.Tensor, Plan]:
-    """``relu`` and the plan that computed it."""
-    plan = _relu_plan((_facts("relu", 0, input),), resolve_target(target))
+def relu_plan(input: torch.Tensor, target: TargetLike) -> Plan:
+    """The plan of ``relu`` on ``input``'s facts; raises torch's errors for an input torch refuses."""
+    return _relu_plan((_facts("relu", 0, input),), resolve_target(target))
+
+
+def relu_run(plan: Plan, input: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``relu`` by ``plan``, which ``relu_plan`` made for a tensor with ``input``'s facts."""
     if inplace:
-        return _relu_inplace(plan, input), plan
-    if torch.is_grad_enabled() and input.requires_grad:
-        return Layer.apply(_relu, plan, input), plan
-    return _relu(plan, input), plan
+        return _relu_inplace(plan, input)
+    if input.requires_grad and torch.is_grad_enabled():
+        return Layer.apply(_relu, plan, input)
+    return _relu(plan, input)
 
 
 # torch's messages for in-place writes it refuses
@@ -539,11 +557,13 @@ def _relu(plan: Plan, input: torch.Tensor) -> torch.Tensor:
     if kernel is None:
         return input.clone()
     if input.is_contiguous():  # the usual call, inline
-        source = input if plan.in_view is None else input.view(plan.in_view)
-        if not source.data_ptr() % _ALIGNMENT:
-            out = torch.empty_like(source)
-            kernel.function(source, out)
-            return _caller_view(out, plan)
+        if not input.data_ptr() % _ALIGNMENT:
+            out = torch.empty_like(input)
+            if plan.in_view is None:
+                kernel.function(input, out)
+            else:  # unbatched: the kernel's shape over the same memory
+                kernel.function(input.view(plan.in_view), out.view(plan.in_view))
+            return out
     elif (source := _relu_memory(input, plan)) is not None:
         out = torch.empty_like(input)  # the input's strides
         kernel.function(source, _relu_memory(out, plan))

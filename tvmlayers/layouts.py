@@ -17,6 +17,11 @@ _packed: dict[int, tuple[weakref.ref, tuple[int, int, int], torch.Tensor]] = {}
 _packed_lock = threading.Lock()
 
 
+# How many ``.data`` assignments TrackedParameters have seen: such an assignment may change a weight's shape,
+# dtype or device, which decide a module's plan, so the modules' plan memos (``tvmlayers.nn._base``) compare it.
+data_assignments = 0
+
+
 class TrackedParameter(Parameter):
     """The ``weight`` of the tvmlayers modules: a ``Parameter`` whose ``.data`` is ``detach()``.
 
@@ -37,7 +42,9 @@ class TrackedParameter(Parameter):
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
+        global data_assignments
         torch._C.TensorBase.data.__set__(self, value)
+        data_assignments += 1
         # a new version is what tells packed_weight that the storage changed (it skips data_ptr for us)
         torch.autograd.graph.increment_version(self)
 

@@ -271,8 +271,8 @@ def _linear_op(
 ) -> Tensor:
     """``tvmlayers.functional.linear`` of a non-empty product."""
     with torch.no_grad():
-        out, _ = F.linear_with_plan(input, weight, bias, _target(target), fuse_relu, fuse_relu6)
-    return out
+        plan = F.linear_plan(input, weight, bias, _target(target), fuse_relu, fuse_relu6)
+        return F.linear_run(plan, input, weight, bias, fuse_relu, fuse_relu6)
 
 
 def _linear_spec(input, weight, bias, fuse_relu, fuse_relu6, target):
@@ -304,8 +304,7 @@ def linear(
 def _relu_op(input: Tensor, target: str) -> Tensor:
     """``tvmlayers.functional.relu``."""
     with torch.no_grad():
-        out, _ = F.relu_with_plan(input, False, _target(target))
-    return out
+        return F.relu_run(F.relu_plan(input, _target(target)), input, False)
 
 
 @_relu_op.register_fake
@@ -321,7 +320,7 @@ def _(input, target):
 def _relu_inplace_op(input: Tensor, target: str) -> None:
     """``tvmlayers.functional.relu(..., inplace=True)``: writes the relu into ``input``."""
     with torch.no_grad():
-        F.relu_with_plan(input, True, _target(target))
+        F.relu_run(F.relu_plan(input, _target(target)), input, True)
 
 
 @_relu_inplace_op.register_fake

@@ -8,14 +8,27 @@ from typing import Any
 import torch
 from torch.nn import Parameter, init
 
+from .. import layouts
 from ..functional import JIT_UNSUPPORTED, Plan
 from ..kernel import Kernel
 from ..layouts import track_data_writes
 from ..targets import TargetLike
 
+_tracing_state = torch._C._get_tracing_state  # bound once: read on every call
+
 
 class CompiledLayer(torch.nn.Module):
     """Mixin state of the tvmlayers modules: ``target`` (None = host CPU) and ``kernels``.
+
+    A module remembers its last plan with the input facts and the parameter tensors it was made for
+    (``_memo``), so that a module called again on an input of the same shape, dtype and device skips the plan
+    lookup (hashing the facts and the target costs a small layer a fifth of its call).  Everything else a
+    plan depends on is the module's own state, so any change to it forgets the memo: an attribute set or
+    deleted (``target``, ``inplace``, ``stride``, a new ``weight`` or ``bias``, ``load_state_dict(assign=True)``),
+    ``.to()`` and friends, unpickling, and a ``.data`` assignment to a weight
+    (``tvmlayers.layouts.data_assignments``).  A ``.data`` assignment to a bias (a plain ``Parameter``, see
+    ``TrackedParameter``) is not seen: a bias of another shape, dtype or device then fails the kernel's own
+    argument check (ValueError, TypeError) instead of raising torch's message; it never computes.
 
     ``weight`` is a ``tvmlayers.layouts.TrackedParameter``, however it gets in (construction, assignment, ``.to()``,
     unpickling), so that ``.data`` writes reach its packed copy.  Kernels are not state: pickling and
@@ -28,7 +41,17 @@ class CompiledLayer(torch.nn.Module):
         self.target = target
         # input shape -> the compiled kernel that ran it, with its spec and schedule provenance
         self.kernels: dict[tuple[int, ...], Kernel] = {}
-        self._last_plan: Plan | None = None
+        # (input shape, dtype, device, layouts.data_assignments, plan, weight, bias) of the last call: one
+        # tuple, read once per call, so that a thread never pairs one call's facts with another call's plan
+        self._memo: tuple | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_memo"] = None
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self.__dict__["_memo"] = None
 
     def _init_parameters(
         self, weight_shape: tuple[int, ...], bias: bool, device: torch.device | str | None, dtype: torch.dtype | None
@@ -47,22 +70,25 @@ class CompiledLayer(torch.nn.Module):
         if name == "weight":
             track_data_writes(param)
         super().register_parameter(name, param)
+        self.__dict__["_memo"] = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> CompiledLayer:
         # .to()/.double() may put new plain Parameters into _parameters directly (torch.__future__ options)
         super()._apply(fn, recurse)
         track_data_writes(self._parameters.get("weight"))
+        self.__dict__["_memo"] = None
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # Loaded kernels hold TVM functions, which neither pickle nor deepcopy; they are a cache, not state.
         state = self.__dict__.copy()
         state["kernels"] = {}
-        state["_last_plan"] = None
+        state["_memo"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__["_memo"] = None  # also for pickles made before the memo existed
         # Parameter.__reduce_ex__ rebuilds a plain Parameter
         track_data_writes(self._parameters.get("weight"))
 
@@ -80,13 +106,52 @@ class CompiledLayer(torch.nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             init.uniform_(self.bias, -bound, bound)
 
-    def _remember(self, input: torch.Tensor, plan: Plan) -> None:
+    def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``self.weight, self.bias``, read from ``_parameters`` where they are registered there: through
+        ``Module.__getattr__`` each costs a small layer's call 0.6 us.  A parametrized weight
+        (``torch.nn.utils.parametrize``) is not registered there, and comes from its property."""
+        parameters = self._parameters
+        if "weight" in parameters and "bias" in parameters:
+            return parameters["weight"], parameters["bias"]
+        return self.weight, self.bias
+
+    def _memoized_plan(
+        self, input: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> Plan | None:
+        """The plan of the last call when ``input`` has its facts, ``weight`` and ``bias`` are its tensors
+        (``torch.func.functional_call`` swaps parameters without an attribute set) and nothing changed since,
+        else None."""
+        memo = self._memo
+        if (
+            memo is not None
+            # torch.jit.trace gives shapes of tensors, which compare equal to ints: it must make a plan, which
+            # refuses it (tvmlayers.functional)
+            and not _tracing_state()
+            and input.shape == memo[0]
+            and input.dtype is memo[1]
+            and input.device == memo[2]
+            and layouts.data_assignments == memo[3]
+            and weight is memo[5]
+            and bias is memo[6]
+        ):
+            return memo[4]
+        return None
+
+    def _remember(
+        self, input: torch.Tensor, plan: Plan, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> Plan:
+        """Record ``plan``'s kernel by input shape and memoize it for the next call; returns ``plan``."""
         # A plan is one object per input shape (and dtype, device): the same plan as last call means
         # this shape is recorded already, an identity test instead of hashing the shape (0.4 us a call).
-        if plan is not self._last_plan:
+        memo = self._memo
+        if memo is None or plan is not memo[4] or weight is not memo[5] or bias is not memo[6]:
             if plan.kernel is not None:
                 self.kernels[input.shape] = plan.kernel  # torch.Size: a tuple, without tuple()'s copy
-            self._last_plan = plan
+            # not through __setattr__, which forgets the memo
+            self.__dict__["_memo"] = (
+                input.shape, input.dtype, input.device, layouts.data_assignments, plan, weight, bias
+            )  # fmt: skip
+        return plan
 
     def _with_target(self, extra_repr: str) -> str:
         """``extra_repr`` with ``target=...`` appended when one was given."""

@@ -32,9 +32,10 @@ class ReLU(CompiledLayer):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
             return torch_ops.relu(input, self.inplace, self.target)
-        out, plan = F.relu_with_plan(input, self.inplace, target=self.target)
-        self._remember(input, plan)
-        return out
+        plan = self._memoized_plan(input)
+        if plan is None:
+            plan = self._remember(input, F.relu_plan(input, self.target))
+        return F.relu_run(plan, input, self.inplace)
 
     def extra_repr(self) -> str:
         return self._with_target("inplace=True" if self.inplace else "")

@@ -102,10 +102,11 @@ class Conv2d(CompiledLayer):
                 input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                 self.padding_mode, self._fuse_relu, self._fuse_relu6, residual, self.target,
             )  # fmt: skip
+        weight, bias = self._weight_and_bias()
         out, plan = F.conv2d_with_plan(
             input,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.stride,
             self.padding,
             self.dilation,

@@ -59,11 +59,14 @@ class Linear(CompiledLayer):
         self._init_parameters((out_features, in_features), bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph
+        if F.traced(input):  # one torch.ops.tvmlayers op in the tracer's graph (its own parameter reads, too)
             return torch_ops.linear(input, self.weight, self.bias, self._fuse_relu, self._fuse_relu6, self.target)
-        out, plan = F.linear_with_plan(input, self.weight, self.bias, self.target, self._fuse_relu, self._fuse_relu6)
-        self._remember(input, plan)
-        return out
+        weight, bias = self._weight_and_bias()
+        plan = self._memoized_plan(input, weight, bias)
+        if plan is None:
+            plan = F.linear_plan(input, weight, bias, self.target, self._fuse_relu, self._fuse_relu6)
+            self._remember(input, plan, weight, bias)
+        return F.linear_run(plan, input, weight, bias, self._fuse_relu, self._fuse_relu6)
 
     def extra_repr(self) -> str:
         return self._with_target(
