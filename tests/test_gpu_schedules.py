@@ -12,14 +12,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import tvm
 import tvm.support.nvcc
+from cuda_emulation import run_emulated
 from test_cpu_schedules import CASES, _conv, _linear, _pool
 from test_cuda_build import _cuobjdump
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import Trace
 
-from tvmlayers import ops, schedules
+from conftest import TOLERANCES
+from tvmlayers import ops, reference, schedules
 from tvmlayers.records.neighbours import plain_json
 from tvmlayers.records.record_check import check_trace
 from tvmlayers.schedules.gpu import gpu_config
@@ -223,3 +226,44 @@ def test_a_cuda_target_allowing_fewer_threads_per_block_gets_smaller_blocks() ->
         assert rule == GPU_RULES[name]
         for sample in [sch, *_samples(spec, range(1, 4))]:
             assert assert_within_limits(sample, _cuda_source(sample, target), target)["threads"] <= 128
+
+
+def _emulated_outputs(spec: KernelSpec, sch: Schedule, tmp_path: Path) -> tuple[list, list]:
+    """The kernel's outputs (emulated on the CPU, :mod:`cuda_emulation`) and torch's, for random inputs."""
+    params, func = dict(spec.params), sch.mod["main"]
+    output_shapes = ops.output_shapes(spec, schedules.weight_layout(spec))
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, residual = reference.random_layer_inputs(
+        spec.op, params, spec.input_shape, spec.dtype, output_shapes[0], generator
+    )
+    inputs = reference.kernel_arguments(spec.input_shape, 1, x, weight, bias, residual, output_shapes[0])
+    names = [str(p.name) for p in func.params]
+    dtypes = [str(p.dtype) for p in func.params[len(inputs) :]]
+    # NaN (or -7 for indices) where the kernel writes nothing
+    outputs = [
+        torch.full(shape, float("nan") if dtype.startswith("float") else -7, dtype=getattr(torch, dtype))
+        for shape, dtype in zip(output_shapes, dtypes, strict=True)
+    ]
+    arguments = dict(zip(names, inputs + outputs, strict=True))
+    run_emulated(_cuda_source(sch, spec.target), sch.mod.script(), arguments, tmp_path)
+    expected = reference.layer_outputs(spec.op, params, x, weight, bias, residual)
+    return outputs, expected
+
+
+EMULATED_CASES = [
+    *("conv3x3", "conv_bias_free_strided_dilated", "conv_groups", "conv_reflect", "conv_residual_relu"),
+    *("conv_odd_channels", "conv_5x5_dilated_grouped", "depthwise_strided", "depthwise_multiplier_residual"),
+    *("linear_batch16", "linear_head", "max_pool2d_indices_ceil", "relu_planes", "conv_float64"),
+]
+
+
+@pytest.mark.parametrize("name", EMULATED_CASES)
+def test_kernels_compute_torchs_numbers_in_a_cpu_emulation_of_cuda(name: str, tmp_path: Path) -> None:
+    """The default schedule and a sample of its search space, TVM's CUDA run on CPU threads (sm_90)."""
+    target = resolve_target("sm_90")
+    spec = _spec(GPU_CASES[name], target)
+    sch, _ = schedules.default_schedule(_func(spec), target)
+    for index, sample in enumerate([sch, *_samples(spec, range(1, 2))]):
+        outputs, expected = _emulated_outputs(spec, sample, tmp_path / str(index))
+        for out, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(out.view(want.shape), want, **TOLERANCES.get(want.dtype, {}))
