@@ -293,5 +293,6 @@ def test_sm_90_candidates_carry_sass_and_ptx(tmp_path):
     for kernel in manifest["kernels"]:
         library = tmp_path / "cand" / kernel["library"]
         assert kernel["device_code"]["sha256"] == hashlib.sha256(embedded_fatbin(library)).hexdigest()
-        assert _device_code(library, tmp_path) == (["sm_90"], ["sm_90"])
+        sass, ptx, _ = _device_code(library, tmp_path)
+        assert sass == ["sm_90"] and ptx == ["sm_90"]
         assert kernel["references"] is None
