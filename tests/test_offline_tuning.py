@@ -129,6 +129,21 @@ def test_measured_candidates_become_records_that_the_layers_use(exported, tmp_pa
     assert kernel.provenance["origin"] == f"measured offline on {exported['rows']['device']}"
 
 
+def test_measure_py_goes_on_after_a_kernel_that_killed_it(exported, tmp_path):
+    """What measure.py leaves when a candidate takes the process down: the rows before it, and that candidate
+    written as failed before it ran.  Run again, it keeps those and measures the rest."""
+    rows = exported["rows"]["kernels"]
+    assert len(rows) >= 3
+    died = {**rows[1], "status": "failed", "problem": "the process died while running it"}
+    died.pop("median_us")
+    left = {**exported["rows"], "kernels": [rows[0], died]}
+    (tmp_path / "measured.json").write_text(json.dumps(left))
+    measured = _measure(exported["folder"], tmp_path / "measured.json")
+    assert [r["name"] for r in measured["kernels"]] == [r["name"] for r in rows]
+    assert measured["kernels"][:2] == [rows[0], died]
+    assert [r["status"] for r in measured["kernels"][2:]] == ["ok"] * (len(rows) - 2)
+
+
 def test_a_measured_file_with_an_altered_trace_is_refused_whole(exported, tmp_path):
     def alter(measured: dict) -> None:
         trace = measured["kernels"][1]["candidate"]["trace"]
