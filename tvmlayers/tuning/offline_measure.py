@@ -9,7 +9,9 @@ matches, timed.  The results go to ``--out`` in the measured.json format of tvml
 
 The file is rewritten (atomically) after every candidate, and the candidate about to run is written first as
 failed: if a kernel takes the process down, what was measured is kept, that kernel reads as failed, and running
-the same command again goes on with the candidates not measured yet.
+the same command again goes on with the candidates not measured yet.  A GPU candidate that fails and leaves the
+CUDA context unusable (a kernel fault: every later CUDA call fails) is recorded as failed, and the command starts
+itself again in a fresh process, which goes on with the next candidate.
 
 This file is tvmlayers/tuning/offline_measure.py, copied into each candidates folder.
 """
@@ -62,6 +64,18 @@ def _started(path: Path, manifest: dict) -> dict:
     }
 
 
+def _gpu_context_lost() -> bool:
+    """Whether CUDA calls fail in this process now (after an illegal address, say, every one does)."""
+    import torch  # noqa: PLC0415 - a CUDA bundle runs with torch, loaded by run.py already
+
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception:  # noqa: BLE001 - whatever torch raises, the context is gone
+        return True
+    return False
+
+
 def measure(bundle: Path, out: Path, number: int, repeat: int) -> int:
     manifest = run.read_manifest(bundle)
     run.check_architecture(manifest, platform.machine())
@@ -83,6 +97,12 @@ def measure(bundle: Path, out: Path, number: int, repeat: int) -> int:
             row.update(status=status, problem=result["problem"], **timed)
         except Exception as err:  # noqa: BLE001 - a candidate that does not load or launch is a failed one
             row.update(problem=f"{type(err).__name__}: {str(err).strip()[-300:]}", median_us=None)
+            if manifest.get("cuda_arch") and _gpu_context_lost():
+                _write(out, measured)
+                # a kernel fault leaves the process's CUDA context unusable: every later candidate would fail
+                # too; a fresh process (the same command) goes on from the file with the next candidate
+                print(f"{kernel['name']}: failed and took the GPU context down; going on in a new process", flush=True)
+                os.execv(sys.executable, [sys.executable, *sys.argv])
         _write(out, measured)
         time_text = f"{row['median_us']:.4g} us" if row["median_us"] else ""
         print(f"{kernel['name']:24} {row['status']:7} {time_text}", flush=True)
