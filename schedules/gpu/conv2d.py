@@ -22,7 +22,7 @@ from tvm.sym.pattern import detect_linear_equation
 
 from ..rule import has_block, input_dtype, largest_divisor, op_of
 from .config import GpuConfig, gpu_config
-from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, sample_threads, tile_reduction
+from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, fill_sms, sample_threads, tile_reduction
 
 
 def _window(sch: Schedule) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -73,17 +73,7 @@ def _default_tiles(config: GpuConfig, extents: dict, fits) -> dict | None:
     }
     tiles["row"] = [ty, largest_divisor(rows // ty, config.reg_pixels // tiles["col"][1])]
 
-    def blocks() -> int:
-        per_block = math.prod(t * r for t, r in tiles.values())
-        return extents["outer"] * out_per_group * rows * cols // per_block
-
-    # Fewer blocks than SMs leaves SMs idle (ResNet's 7x7 layers at batch 1): trade register tiles for blocks.
-    while blocks() < config.sm_count:
-        name = max(tiles, key=lambda d: tiles[d][1])
-        threads, regs = tiles[name]
-        if regs == 1:
-            break
-        tiles[name][1] = largest_divisor(regs, regs - 1)
+    fill_sms(tiles, extents["outer"] * out_per_group * rows * cols, config.sm_count)
     channels, rows_, cols_ = (math.prod(tiles[d]) for d in ("channel", "row", "col"))
     step = _largest_step(config.reduce_tile, extents["reduce"], lambda s: fits(channels, rows_, cols_, s))
     if step == 0:

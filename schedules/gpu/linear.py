@@ -16,7 +16,7 @@ from tvm.s_tir import Schedule
 
 from ..rule import block_extents, largest_divisor, op_of
 from .config import gpu_config
-from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, sample_threads, tile_reduction
+from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, fill_sms, sample_threads, tile_reduction
 
 GEMV_LANES = (32, 64, 128)  # lanes per output of the GEMV search space
 
@@ -42,8 +42,12 @@ class GpuLinearTiled:
         # Threads: a warp's worth along the features (coalesced stores), the rest of gemm_threads along rows.
         tx = largest_divisor(features, config.warp)
         ty = largest_divisor(rows, max(1, config.gemm_threads // tx))
-        rx = largest_divisor(features // tx, config.reg_pixels)
-        ry = largest_divisor(rows // ty, config.reg_channels)
+        tiles = {
+            "row": [ty, largest_divisor(rows // ty, config.reg_channels)],
+            "feature": [tx, largest_divisor(features // tx, config.reg_pixels)],
+        }
+        fill_sms(tiles, rows * features, config.sm_count)
+        (ty, ry), (tx, rx) = tiles["row"], tiles["feature"]
 
         def step(tile_rows: int, tile_features: int, limit: int) -> int:
             """The most ``in_features`` per step (a divisor) whose two tiles fit in shared memory."""

@@ -15,6 +15,7 @@ its registers below another (``max_regs``), and the bounds are chosen so that th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,22 @@ def sample_threads(sch: Schedule, limit: int, choices: Sequence[int] = THREAD_CH
     """A sampled thread count among ``choices`` up to ``limit`` (uniformly: nothing is known about them yet)."""
     allowed = [c for c in choices if c <= limit] or [min(choices)]
     return sch.sample_categorical(allowed, [1 / len(allowed)] * len(allowed))
+
+
+def fill_sms(tiles: dict[str, list[int]], outputs: int, sm_count: int) -> None:
+    """Shrink the register tiles (``tiles``: dimension -> [threads, registers] of ``outputs`` outputs in all),
+    the largest first, until the grid has a block for every SM or every tile is one register: fewer blocks
+    than SMs leave SMs idle (ResNet's 7x7 layers, linear layers at small batches)."""
+
+    def blocks() -> int:
+        return outputs // math.prod(threads * regs for threads, regs in tiles.values())
+
+    while blocks() < sm_count:
+        name = max(tiles, key=lambda d: tiles[d][1])
+        regs = tiles[name][1]
+        if regs == 1:
+            return
+        tiles[name][1] = max(d for d in range(1, regs) if regs % d == 0)
 
 
 @dataclass(frozen=True)
