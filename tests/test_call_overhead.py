@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 import tvmlayers as tl
 from conftest import assert_matches_torch
+from tvmlayers import omp_pool
 
 # ------------------------------------------------------------------------------------------------ ReLU
 
@@ -194,3 +195,22 @@ def test_linear_parametrized_weight_is_recomputed() -> None:
         assert_matches_torch(ours(x), torch.nn.functional.linear(x, 2 * reference.weight, reference.bias))
         ours.parametrizations.weight[0].scale = -1.0  # the module's own state does not change: its weight does
         assert_matches_torch(ours(x), torch.nn.functional.linear(x, -reference.weight, reference.bias))
+
+
+# ------------------------------------------------------------------------------------------- threads
+
+
+@torch.no_grad()
+def test_memoized_calls_follow_torch_set_num_threads() -> None:
+    # a plan holds no thread count: each call's parallel loop takes the team torch.set_num_threads gives
+    if omp_pool.get_thread_pool() != "torch":
+        pytest.skip("kernels run on TVM's pool here")
+    relu, x = tl.ReLU(), torch.randn(1, 64, 32, 32)  # above the grain size: a parallel kernel
+    before = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1, 2):
+            torch.set_num_threads(count)
+            assert_matches_torch(relu(x), torch.relu(x))
+            assert omp_pool.last_team_size() == count
+    finally:
+        torch.set_num_threads(before)
