@@ -139,7 +139,7 @@ class GpuConv2dTiled:
         if tiles is None or (tunable and bounds is None):
             return None  # a window too large for shared memory even one channel at a time
         group, channel = sch.split(ob, [groups, None])
-        limits = bounds or {"channel": (1, 1), "row": (1, 1), "col": (1, 1), "step": 1}
+        limits = bounds or {"channel": (1, 1), "row": (1, 1), "col": (1, 1), "step": 1}  # read when tunable only
         dims = [
             TileDim(channel, "threadIdx.z", *tiles["channel"], *limits["channel"]),
             TileDim(y, "threadIdx.y", *tiles["row"], *limits["row"]),

@@ -1,11 +1,11 @@
 """Multi-level tiling of a reduction block on a GPU: what the conv2d and linear rules share.
 
 The output of the reduction block is tiled over thread blocks, threads and registers (each thread
-accumulates a register tile in ``local`` memory); the reduction runs in steps, and each step first copies the
-tile of every operand it reads into shared memory, all threads of the block fetching together (a cooperative
-fetch), then every thread reads its operands from there.  The fused epilogue (bias, residual, activation,
-the write to torch's layout) runs per thread on its register tile (``reverse_compute_at``), so the kernel
-writes each output once.
+accumulates a register tile in ``local`` memory, one accumulator per virtual thread); the reduction runs in
+steps, and each step first copies the tile of every operand it reads into shared memory, all threads of the
+block fetching together (a cooperative fetch), then every thread reads its operands from there.  The fused
+epilogue (bias, residual, activation, the write to torch's layout) runs per thread on its register tile
+(``reverse_compute_at``), so the kernel writes each output once.
 
 With ``tunable`` every tile size is a sampling instruction, so that the same rule is a MetaSchedule search
 space.  Threads per block and shared memory stay within the target's limits by construction, not by a
@@ -118,6 +118,10 @@ def tile_reduction(
     sch.reorder(*blocks, *regs, *threads, reduce_outer, reduce_step, *reduce_inner, *unit)
     block_loop = sch.fuse(*blocks)
     sch.bind(block_loop, "blockIdx.x")
+    # A thread's register tile is its virtual threads (TVM interleaves their code): its outputs lie ``threads``
+    # apart, so a warp stores neighbouring outputs and reads neighbouring shared-memory words.  The same
+    # strided tile as a loop inside the thread would make reverse_compute_at, which covers the box of what a
+    # thread computes, write the other threads' outputs in between from this thread's registers.
     for reg, thread, dim in zip(regs, threads, dims, strict=True):
         sch.bind(thread, dim.thread_axis)
         sch.bind(reg, dim.thread_axis.replace("threadIdx", "vthread"))
