@@ -267,3 +267,15 @@ def test_kernels_compute_torchs_numbers_in_a_cpu_emulation_of_cuda(name: str, tm
         outputs, expected = _emulated_outputs(spec, sample, tmp_path / str(index))
         for out, want in zip(outputs, expected, strict=True):
             torch.testing.assert_close(out.view(want.shape), want, **TOLERANCES.get(want.dtype, {}))
+
+
+@pytest.mark.parametrize("preset", ["sm_90", "jetson-orin"])
+def test_resnet18s_3x3_conv_computes_torchs_numbers_in_the_cpu_emulation(preset: str, tmp_path: Path) -> None:
+    """A full-size layer (64 -> 64 at 56x56, a 576-deep reduction staged in steps): 224 blocks of 224 threads
+    for the H100's 114 SMs, 56 blocks with 4x larger register tiles for the Jetson's 16."""
+    target = resolve_target(preset)
+    spec = _spec(_conv((1, 64, 56, 56), 64, bias=False), target)
+    sch, rule = schedules.default_schedule(_func(spec), target)
+    assert rule == "gpu.conv2d_tiled"
+    (out,), (want,) = _emulated_outputs(spec, sch, tmp_path)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float32])
