@@ -28,7 +28,9 @@ class CompiledLayer(torch.nn.Module):
     ``.to()`` and friends, unpickling, and a ``.data`` assignment to a weight
     (``tvmlayers.layouts.data_assignments``).  A ``.data`` assignment to a bias (a plain ``Parameter``, see
     ``TrackedParameter``) is not seen: a bias of another shape, dtype or device then fails the kernel's own
-    argument check (ValueError, TypeError) instead of raising torch's message; it never computes.
+    argument check (ValueError, TypeError) instead of raising torch's message; it never computes.  Only
+    modules whose plan depends on nothing else per call look the memo up (ReLU, Linear): a conv2d plan also
+    depends on the fused modules' ``residual``, so Conv2d (like MaxPool2d) only records its kernels.
 
     ``weight`` is a ``tvmlayers.layouts.TrackedParameter``, however it gets in (construction, assignment, ``.to()``,
     unpickling), so that ``.data`` writes reach its packed copy.  Kernels are not state: pickling and
