@@ -22,15 +22,14 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tvmlayers import layer_specs
 from tvmlayers.bundle import compile_bundle
+from tvmlayers.published import published_folder
 from tvmlayers.runtime_pack import make_runtime_pack
 from tvmlayers.targets import resolve_target
 from tvmlayers.workloads import Workload, load_workloads
@@ -80,9 +79,7 @@ def build_payload(
         if not (folder / "measure.py").is_file() or not (folder / "manifest.json").is_file():
             raise FileNotFoundError(f"{folder} is not a candidates folder (tvmlayers tune --export-candidates)")
     bundles = standard_bundles() if bundles is None else bundles
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with published_folder(out) as staging:
         make_runtime_pack(staging / "runtime", python=python, arch="x86_64", cuda=True)
         kernels = {}
         for name, workloads in bundles.items():
@@ -106,13 +103,6 @@ def build_payload(
         size = folder_mib(staging)
         if size > MAX_PAYLOAD_MIB:
             raise RuntimeError(f"the payload is {size:.1f} MiB, over {MAX_PAYLOAD_MIB} MiB: carry fewer candidates")
-        os.chmod(staging, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return payload
 
 

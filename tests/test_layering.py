@@ -25,8 +25,8 @@ LAYERS: tuple[tuple[str, list[str]], ...] = (
     # what a kernel is and how files look: specs, targets, formats, op definitions, schedules, references
     (
         "foundation",
-        "spec targets formats locks private_dirs ops schedules fingerprint layer_specs layouts reference verify "
-        "workloads progress emulation tuning_logs".split(),
+        "spec targets formats locks private_dirs published ops schedules fingerprint layer_specs layouts reference "
+        "verify workloads progress emulation tuning_logs".split(),
     ),
     ("records", ["records"]),  # the record store and its lookup
     ("build", "build cache kernel omp_pool threads nvcc".split()),

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from .convert import convert
 from .extract import recording_layer_calls
 from .formats import BUNDLE_FORMAT
 from .nvcc import cuda_arch, require_nvcc
+from .published import published_folder
 from .schedules import weight_layout
 from .spec import KernelSpec
 from .targets import PRESETS, TargetLike, resolve_target, target_arch, target_json, target_key, toolchain
@@ -174,11 +173,9 @@ def compile_bundle(
     out = Path(out_dir)
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a tvmlayers bundle: choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     fcompile = tvm.support.cc.cross_compiler(compiler)
     generator = torch.Generator().manual_seed(seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with published_folder(out) as staging:
         (staging / "kernels").mkdir()
         kernels = []
         bar = BuildProgress(len(calls), quiet=not progress)
@@ -222,11 +219,4 @@ def compile_bundle(
             "files": {p.relative_to(staging).as_posix(): _sha256(p) for p in files},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would keep the bundle from the user who copies it to a board
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out / "manifest.json"

@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from .formats import RUNTIME_PACK_FORMAT
 from .private_dirs import make_private_dirs
+from .published import published_folder
 from .targets import host_arch
 
 __all__ = ["ARCHES", "cached_wheel", "make_runtime_pack", "wheel_cache_dir"]
@@ -215,9 +216,7 @@ def make_runtime_pack(
     tvm_version = importlib.metadata.version("apache-tvm")
     ffi_version = importlib.metadata.version("apache-tvm-ffi")
     wheels = [cached_wheel(p, importlib.metadata.version(p), python, arch) for p in _PYTHON_PACKAGES]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with published_folder(out) as staging:
         libs = staging / LIBRARY_DIR
         libs.mkdir()
         _copy_runtime_libraries(arch, cuda, tvm_version, python, libs)
@@ -237,11 +236,4 @@ def make_runtime_pack(
             },
         }
         (staging / "runtime-pack.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would keep the pack from the user who copies it to a device
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out / "runtime-pack.json"

@@ -38,7 +38,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from ..bundle import LayerCall, compile_bundle
 from ..fingerprint import code_fingerprint
 from ..formats import MEASURED_FORMAT, OFFLINE_EXPORT_FORMAT, canonical_json
 from ..private_dirs import make_private_dirs
+from ..published import published_folder
 from ..records.database import TuningLog, record_id, tune_log_root, workload_hash
 from ..records.neighbours import plain_json
 from ..records.record_check import DisallowedRecord, check_trace, trace_problem
@@ -210,18 +210,11 @@ def export_candidates(
         for spec, group in candidates.items()
         for candidate in group
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        compile_bundle(calls, tgt, staging / "folder", seed=seed, references=references, progress=progress)
-        shutil.copyfile(MEASURE_SCRIPT, staging / "folder" / "measure.py")
-        (staging / "folder" / "measure.py").chmod(0o755)
+    with published_folder(out) as folder:
+        compile_bundle(calls, tgt, folder, seed=seed, references=references, progress=progress)
+        shutil.copyfile(MEASURE_SCRIPT, folder / "measure.py")
+        (folder / "measure.py").chmod(0o755)
         _write_ledger(ledger_path(log_dir, key, export), export, tgt, candidates)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging / "folder", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # Ctrl-C included: no half-written folder is left
     return ExportReport(out, export, key, candidates, time.monotonic() - start)
 
 
