@@ -41,7 +41,14 @@ class GpuRelu:
 
 
 class GpuMaxPool2d:
-    """Each thread reduces its output's window (and its argmax) in registers; the window's loops unroll."""
+    """Each thread reduces its output's window (and its argmax) in registers, then writes each output once; the
+    window's loops unroll.
+
+    The accumulators must be registers (``cache_write`` to ``local``), not the outputs themselves: reduced in
+    global memory, nvcc (sm_90, -O3) merged "the new value or the accumulator just stored" into one
+    ``ld.global.nc`` (the read-only cache, which does not see the thread's own store: the outputs are
+    ``__restrict__``), so on an H100 the argmax compared against stale accumulators (25 of 64 indices wrong).
+    """
 
     name = "gpu.max_pool2d"
 
@@ -50,7 +57,10 @@ class GpuMaxPool2d:
             return None
         sch = Schedule(func)
         block = sch.get_sblock("max_pool2d")
+        writes = [sch.cache_write(block, index, "local") for index in range(len(sch.get(block).writes))]
         thread = spread_over_threads(sch, block, 4, gpu_config(target), tunable)
+        for write in writes:
+            sch.reverse_compute_at(write, thread)
         sch.annotate(thread, "pragma_auto_unroll_max_step", DEFAULT_UNROLL)
         sch.annotate(thread, "pragma_unroll_explicit", 1)
         return sch
