@@ -50,6 +50,14 @@ template <class T> static T exchange(T value, int source) {
   __syncthreads();
   return result;
 }
+// CUDA's vector types that TVM writes for vectorized loads and stores (float4, double2) and their lane masks;
+// alignas as CUDA's, so that a misaligned vector access is as wrong here as on a GPU
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct ushort4 { unsigned short x, y, z, w; };
+struct ushort2 { unsigned short x, y; };
+static float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static double2 make_double2(double x, double y) { return {x, y}; }
 static unsigned __activemask() { return 0xffffffffu; }
 template <class T> static T __shfl_down_sync(unsigned, T value, int delta, int width = 32) {
   int lane = linear_thread % width;

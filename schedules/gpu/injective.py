@@ -1,8 +1,12 @@
-"""One GPU thread per output element: the memory-bound kernels (relu, max_pool2d).
+"""The memory-bound kernels (relu, max_pool2d): their loops over the output fused into one and spread over
+blocks of threads, consecutive threads taking consecutive elements so that a warp's loads and stores are
+coalesced.  A count that does not divide the output leaves the last block's surplus threads idle (a bounds check),
+never a second kernel.
 
-Their loops over the output are fused into one and split over blocks of threads; consecutive threads take
-consecutive elements, so a warp's loads and stores are coalesced.  A count that does not divide the output
-leaves the last block's surplus threads idle (a bounds check), never a second kernel.
+relu moves each element once and computes nothing: its speed is the memory bandwidth.  One scalar per thread
+issued too many small loads to reach it (an H100: 47 us against torch's 39 us on 16x64x112x112), so each thread
+moves 16-byte vectors (float4: the widest load a thread issues) and several of them, from a grid that still
+gives every SM a full wave of blocks.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from ..rule import op_of
+from ..rule import input_dtype, op_of
 from .config import GpuConfig, gpu_config
 from .tiling import DEFAULT_UNROLL, sample_threads
 
@@ -28,7 +32,34 @@ def spread_over_threads(sch: Schedule, block: SBlockRV, spatial: int, config: Gp
     return thread
 
 
+# The widest load or store one CUDA thread issues (float4, double2)
+VECTOR_BYTES = 16
+# Vectors per thread: the default takes the most of these that leaves a full wave of resident blocks; the search
+# space samples among them
+VECTORS_PER_THREAD = (1, 2, 4, 8)
+# Resident blocks of ``elementwise_threads`` per SM (2048 threads per SM / 256): a grid of at least this many
+# blocks per SM keeps every SM's memory pipeline full while each thread moves several vectors
+RESIDENT_BLOCKS_PER_SM = 8
+
+
+def _vector_lanes(elements: int, dtype: str) -> int:
+    """Elements per vector access: 16 bytes' worth where they divide the tensor, else one (scalar accesses)."""
+    lanes = VECTOR_BYTES * 8 // tvm.DataType(dtype).bits
+    return lanes if elements % lanes == 0 else 1
+
+
+def _default_vectors_per_thread(vectors: int, threads: int, config: GpuConfig) -> int:
+    enough_blocks = RESIDENT_BLOCKS_PER_SM * config.sm_count
+    return max(
+        (k for k in VECTORS_PER_THREAD if vectors // (threads * k) >= enough_blocks),
+        default=VECTORS_PER_THREAD[0],
+    )
+
+
 class GpuRelu:
+    """Each thread moves ``vectors per thread`` vectors of ``lanes`` elements, a whole block's worth apart (each
+    access of a warp is one contiguous span: coalesced)."""
+
     name = "gpu.relu"
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> Schedule | None:
@@ -36,7 +67,22 @@ class GpuRelu:
             return None
         sch = Schedule(func)
         block = sch.get_sblock("relu")
-        spread_over_threads(sch, block, len(sch.get_loops(block)), gpu_config(target), tunable)
+        config = gpu_config(target)
+        loops = sch.get_loops(block)
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        elements = int(sch.get(fused).extent)
+        lanes = _vector_lanes(elements, input_dtype(func))
+        if tunable:
+            threads = sample_threads(sch, config.max_threads)
+            per_thread = sch.sample_categorical(list(VECTORS_PER_THREAD), [1 / len(VECTORS_PER_THREAD)] * 4)
+        else:
+            threads = config.elementwise_threads
+            per_thread = _default_vectors_per_thread(elements // lanes, threads, config)
+        block_loop, vector, thread, lane = sch.split(fused, [None, per_thread, threads, lanes])
+        sch.bind(block_loop, "blockIdx.x")
+        sch.bind(thread, "threadIdx.x")
+        sch.unroll(vector)
+        sch.vectorize(lane)
         return sch
 
 
