@@ -18,11 +18,24 @@ import math
 
 import tvm
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import LoopRV
 from tvm.sym.pattern import detect_linear_equation
 
 from ..rule import has_block, input_dtype, largest_divisor, op_of
 from .config import GpuConfig, gpu_config
-from .tiling import DEFAULT_UNROLL, ReduceDim, TileDim, fill_sms, sample_threads, tile_reduction
+from .tiling import (
+    DEFAULT_UNROLL,
+    ReduceDim,
+    TileDim,
+    divisors_between,
+    fill_sms,
+    sample_threads,
+    tile_reduction,
+)
+
+# Input channels per reduction step of the search space (where the group's channels have such divisors)
+MIN_SAMPLED_STEP = 4
+MAX_SAMPLED_STEP = 16
 
 
 def _window(sch: Schedule) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -84,11 +97,15 @@ def _default_tiles(config: GpuConfig, extents: dict, fits) -> dict | None:
 def _search_bounds(config: GpuConfig, fits) -> dict | None:
     """(max threads, max registers) per dimension and the most input channels per step of the search space,
     such that its largest tiles fit in shared memory: registers of the largest dimension halve until one
-    input channel's tiles fit (a large window at a large stride), then threads; None if nothing fits."""
+    input channel's tiles fit (a large window at a large stride), then threads; None if nothing fits.
+
+    Channels and columns take half the threads the config allows, rows twice (at most 8 x 8 x 8 = 512 threads,
+    half the config's product, which fits the target: a 7 x 7 or 14 x 14 output gets 7 rows of threads), and
+    channels twice the registers (up to 8 x 2 x 4 accumulators: several FMAs per shared-memory read)."""
     bounds = {
-        "channel": [config.max_thread_channels, config.max_regs],
-        "row": [config.max_thread_rows, config.max_regs_rows],
-        "col": [config.max_thread_columns, config.max_regs],
+        "channel": [max(1, config.max_thread_channels // 2), 2 * config.max_regs],
+        "row": [2 * config.max_thread_rows, config.max_regs_rows],
+        "col": [max(1, config.max_thread_columns // 2), config.max_regs],
     }
 
     def tile(name: str) -> int:
@@ -140,12 +157,18 @@ class GpuConv2dTiled:
             return None  # a window too large for shared memory even one channel at a time
         group, channel = sch.split(ob, [groups, None])
         limits = bounds or {"channel": (1, 1), "row": (1, 1), "col": (1, 1), "step": 1}  # read when tunable only
-        dims = [
-            TileDim(channel, "threadIdx.z", *tiles["channel"], *limits["channel"]),
-            TileDim(y, "threadIdx.y", *tiles["row"], *limits["row"]),
-            TileDim(x, "threadIdx.x", *tiles["col"], *limits["col"]),
-        ]
-        reduce = ReduceDim(c, tiles["step"], limits["step"])
+
+        def dim(loop: LoopRV, name: str, axis: str) -> TileDim:
+            # threads from half the bound to the bound: 4-8 channels x 4-8 rows x 4-8 columns, 64 to 512 threads
+            # where the extents have such divisors
+            most = limits[name][0]
+            choices = divisors_between(extents[name], most // 2, most)
+            return TileDim(loop, axis, *tiles[name], *limits[name], thread_choices=choices)
+
+        dims = [dim(channel, "channel", "threadIdx.z"), dim(y, "row", "threadIdx.y"), dim(x, "col", "threadIdx.x")]
+        # 4 to 16 input channels per shared-memory refill: fewer leave the barriers unamortized
+        steps = divisors_between(in_per_group, MIN_SAMPLED_STEP, min(MAX_SAMPLED_STEP, limits["step"]))
+        reduce = ReduceDim(c, tiles["step"], limits["step"], tile_choices=steps)
         tile_reduction(sch, conv, out, [n, group], dims, [oi], reduce, [i, j], [0, 1], tunable)
         if has_block(sch, "pad"):
             sch.compute_inline(sch.get_sblock("pad"))  # pads while copying the input tile into shared memory

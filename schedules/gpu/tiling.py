@@ -30,10 +30,21 @@ DEFAULT_UNROLL = 512
 THREAD_CHOICES = (64, 128, 256, 512, 1024)
 
 
+def sample_uniformly(sch: Schedule, choices: Sequence[int]) -> object:
+    """One of ``choices``, each as likely (nothing is known about them yet); a variable of the trace."""
+    return sch.sample_categorical(list(choices), [1 / len(choices)] * len(choices))
+
+
 def sample_threads(sch: Schedule, limit: int, choices: Sequence[int] = THREAD_CHOICES) -> object:
-    """A sampled thread count among ``choices`` up to ``limit`` (uniformly: nothing is known about them yet)."""
-    allowed = [c for c in choices if c <= limit] or [min(choices)]
-    return sch.sample_categorical(allowed, [1 / len(allowed)] * len(allowed))
+    """A sampled thread count among ``choices`` up to ``limit``."""
+    return sample_uniformly(sch, [c for c in choices if c <= limit] or [min(choices)])
+
+
+def divisors_between(extent: int, low: int, high: int) -> tuple[int, ...]:
+    """The divisors of ``extent`` from ``low`` to ``high``, or the largest one below ``high`` if none is: the
+    choices of a sampled tile that divides its loop (no bounds check) and stays within ``high``."""
+    found = tuple(d for d in range(max(1, low), high + 1) if extent % d == 0)
+    return found or (max(d for d in range(1, max(1, high) + 1) if extent % d == 0),)
 
 
 def fill_sms(tiles: dict[str, list[int]], outputs: int, sm_count: int) -> None:
@@ -66,6 +77,10 @@ class TileDim:
     regs: int
     max_threads: int  # bounds of the search space
     max_regs: int
+    # The search space's thread counts (divisors of the extent), sampled among these when given; else any
+    # divisor up to ``max_threads``.  Lists whose products stay within 64 to 512 threads per block keep the
+    # samples where a GPU is busy: independent divisors up to a bound gave blocks of 2 to 8 threads.
+    thread_choices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class ReduceDim:
     loop: LoopRV
     tile: int
     max_tile: int
+    tile_choices: tuple[int, ...] = ()  # the search space's steps when given, else any divisor up to max_tile
 
 
 def _split_dim(sch: Schedule, dim: TileDim, tunable: bool) -> tuple[LoopRV, LoopRV, LoopRV, object]:
@@ -84,7 +100,10 @@ def _split_dim(sch: Schedule, dim: TileDim, tunable: bool) -> tuple[LoopRV, Loop
         return outer, reg, thread, dim.threads
     # threads first, then registers out of the rest: two samples, each bounded by its innermost factor, so
     # both are bounded (one sample of three factors bounds only the innermost)
-    _, threads = sch.sample_perfect_tile(dim.loop, n=2, max_innermost_factor=dim.max_threads)
+    if dim.thread_choices:
+        threads = sample_uniformly(sch, dim.thread_choices)
+    else:
+        _, threads = sch.sample_perfect_tile(dim.loop, n=2, max_innermost_factor=dim.max_threads)
     rest, thread = sch.split(dim.loop, [None, threads])
     _, regs = sch.sample_perfect_tile(rest, n=2, max_innermost_factor=dim.max_regs)
     outer, reg = sch.split(rest, [None, regs])
@@ -107,7 +126,9 @@ def tile_reduction(
     extent 1, ``reduce`` and the ``reduce_inner`` reduction loops, in any order) and stage its reads
     ``shared_reads`` (buffer indices) in shared memory at each reduction step."""
     split = [_split_dim(sch, dim, tunable) for dim in dims]
-    if tunable:
+    if tunable and reduce.tile_choices:
+        step = sample_uniformly(sch, reduce.tile_choices)
+    elif tunable:
         _, step = sch.sample_perfect_tile(reduce.loop, n=2, max_innermost_factor=reduce.max_tile)
     else:
         step = reduce.tile
