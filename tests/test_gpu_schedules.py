@@ -328,3 +328,21 @@ def test_the_conv_search_space_samples_blocks_that_keep_a_gpu_busy(layer: tuple)
     for sch in _samples(spec, range(1, 7)):
         threads = assert_within_limits(sch, _cuda_source(sch, target), target)["threads"]
         assert 64 <= threads <= 512, threads
+
+
+@pytest.mark.parametrize("small, large, stride", [(1, 4, 1), (4, 8, 2)])
+def test_large_convs_take_twice_the_accumulators_and_compute_torchs_numbers(
+    small: int, large: int, stride: int, tmp_path: Path
+) -> None:
+    """A conv whose grid keeps 2 blocks per SM with 8 channel accumulators per thread takes them (the Jetson's 16
+    SMs make these small layers large): each thread computes twice what it does at the smaller batch (which
+    keeps 4), and the result stays torch's in the CPU emulation of its CUDA."""
+    target = resolve_target("jetson-orin")
+    blocks = {}
+    for n in (small, large):
+        spec = _spec(_conv((n, 32, 28, 28), 64, stride=stride), target)
+        sch, _ = schedules.default_schedule(_func(spec), target)
+        blocks[n] = assert_within_limits(sch, _cuda_source(sch, target), target)["blocks"]
+    assert blocks[large] * 2 * small == blocks[small] * large, blocks
+    (out,), (want,) = _emulated_outputs(spec, sch, tmp_path)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float32])

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 
 import tvm
 
-# Streaming multiprocessors by architecture, the smallest chip of each (a tile choice that fills it fills the
-# larger ones too): A100 108, A10 72 (RTX 3060: 28; one preset covers both, 28 would starve an A10 less than 72
-# starves a 3060 of nothing), L4 58, Jetson AGX Orin 16 (Orin Nano: 8), H100 PCIe 114.
-SM_COUNTS = {"sm_80": 108, "sm_86": 72, "sm_87": 16, "sm_89": 58, "sm_90": 114}
+# Streaming multiprocessors by architecture: A100 108, A10 72 (RTX 3060: 28; one preset covers both, 28 would
+# starve an A10 less than 72 starves a 3060 of nothing), L4 58, Jetson AGX Orin 16 (Orin Nano: 8), H100 SXM 132
+# (what torch reported on the H100 the GPU check ran on; a PCIe H100 has 114, and a grid that fills 132 fills it).
+SM_COUNTS = {"sm_80": 108, "sm_86": 72, "sm_87": 16, "sm_89": 58, "sm_90": 132}
 DEFAULT_SM_COUNT = 64  # an architecture without an entry: a mid-size GPU
 
 
@@ -39,6 +39,13 @@ class GpuConfig:
     # steps per __syncthreads() pair, which amortizes the barrier; larger kernels take fewer channels so the
     # tiles fit ``shared_bytes`` (the rules shrink it until they do).
     reduce_tile: int = 8
+    # Large problems (batch 16: a grid of the 8 x 4 tiles still has ``large_blocks_per_sm`` blocks for every SM)
+    # take 8 channel accumulators: 12 shared-memory reads feed 32 FMAs instead of 8 reads 16 (torch was 1.4 to 2x
+    # faster on ResNet's batch-16 3x3 layers with 4 x 4), and 16 input channels per refill halve the barriers
+    # (16 channels of a 3x3 window and their weights stay within 48 KiB).
+    large_reg_channels: int = 8
+    large_reduce_tile: int = 16
+    large_blocks_per_sm: int = 2
     # Threads of the memory-bound kernels (relu, max_pool2d, depthwise conv): 256, whole warps, and 8 resident
     # blocks fill an SM's 2048 threads; one element (or register tile) per thread keeps every load independent.
     elementwise_threads: int = 256

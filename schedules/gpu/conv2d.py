@@ -15,6 +15,7 @@ between neighbouring threads is served by the L1 cache).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import tvm
 from tvm.s_tir import Schedule
@@ -74,7 +75,21 @@ def _largest_step(limit: int, in_per_group: int, bytes_of_step) -> int:
 
 
 def _default_tiles(config: GpuConfig, extents: dict, fits) -> dict | None:
-    """Threads and registers per dimension, and the channels per reduction step, of the default schedule."""
+    """Threads and registers per dimension, and the channels per reduction step, of the default schedule: the
+    large register tiles and steps of ``config`` where the grid still has ``large_blocks_per_sm`` blocks per SM,
+    else the ordinary ones."""
+    large = replace(config, reg_channels=config.large_reg_channels, reduce_tile=config.large_reduce_tile)
+    tiles = _tiles(large, extents, fits)
+    outputs = extents["outer"] * extents["channel"] * extents["row"] * extents["col"]
+    if tiles is not None:
+        per_block = math.prod(tiles[d][0] * tiles[d][1] for d in ("channel", "row", "col"))
+        if outputs // per_block >= config.large_blocks_per_sm * config.sm_count:
+            return tiles
+    return _tiles(config, extents, fits)
+
+
+def _tiles(config: GpuConfig, extents: dict, fits) -> dict | None:
+    """The tiles of :func:`_default_tiles` for the register tile shape and step of ``config``."""
     out_per_group, rows, cols = extents["channel"], extents["row"], extents["col"]
     # Pixel threads first (about two warps, coalesced along the row), then channel threads up to gemm_threads.
     tx = largest_divisor(cols, config.max_thread_columns)
@@ -86,7 +101,9 @@ def _default_tiles(config: GpuConfig, extents: dict, fits) -> dict | None:
     }
     tiles["row"] = [ty, largest_divisor(rows // ty, config.reg_pixels // tiles["col"][1])]
 
-    fill_sms(tiles, extents["outer"] * out_per_group * rows * cols, config.sm_count)
+    # channel threads go last (an output of 512 channels x 7 x 7 pixels, one register each, has 128 blocks of
+    # 196 threads for an H100's 132 SMs); pixel threads stay, they keep the stores coalesced
+    fill_sms(tiles, extents["outer"] * out_per_group * rows * cols, config.sm_count, spare_threads=("channel",))
     channels, rows_, cols_ = (math.prod(tiles[d]) for d in ("channel", "row", "col"))
     step = _largest_step(config.reduce_tile, extents["reduce"], lambda s: fits(channels, rows_, cols_, s))
     if step == 0:

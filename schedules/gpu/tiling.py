@@ -47,20 +47,28 @@ def divisors_between(extent: int, low: int, high: int) -> tuple[int, ...]:
     return found or (max(d for d in range(1, max(1, high) + 1) if extent % d == 0),)
 
 
-def fill_sms(tiles: dict[str, list[int]], outputs: int, sm_count: int) -> None:
+def fill_sms(tiles: dict[str, list[int]], outputs: int, sm_count: int, spare_threads: Sequence[str] = ()) -> None:
     """Shrink the register tiles (``tiles``: dimension -> [threads, registers] of ``outputs`` outputs in all),
-    the largest first, until the grid has a block for every SM or every tile is one register: fewer blocks
-    than SMs leave SMs idle (ResNet's 7x7 layers, linear layers at small batches)."""
+    the largest first, then the threads of the ``spare_threads`` dimensions, until the grid has a block for
+    every SM or nothing is left to shrink: fewer blocks than SMs leave SMs idle (ResNet's 7x7 layers, linear
+    layers at small batches)."""
 
     def blocks() -> int:
         return outputs // math.prod(threads * regs for threads, regs in tiles.values())
 
+    def shrink(name: str, position: int) -> None:
+        count = tiles[name][position]
+        tiles[name][position] = max(d for d in range(1, count) if count % d == 0)
+
     while blocks() < sm_count:
         name = max(tiles, key=lambda d: tiles[d][1])
-        regs = tiles[name][1]
-        if regs == 1:
+        if tiles[name][1] > 1:
+            shrink(name, 1)
+            continue
+        spare = [d for d in spare_threads if tiles[d][0] > 1]
+        if not spare:
             return
-        tiles[name][1] = max(d for d in range(1, regs) if regs % d == 0)
+        shrink(spare[0], 0)
 
 
 @dataclass(frozen=True)
