@@ -308,7 +308,7 @@ def test_max_pool2d_reduces_in_registers_and_only_writes_its_outputs(name: str) 
 
 def test_relu_moves_16_byte_vectors_several_per_thread_on_a_grid_that_fills_the_gpu() -> None:
     """ResNet's first relu at batch 16 (51 MB each way) is bandwidth: scalar loads were 1.22x slower than torch on
-    an H100.  Each thread moves float4s, several per thread, with a full wave of resident blocks per SM left."""
+    an H100.  Each thread moves float4s, several per thread, with 4 waves of 8 resident blocks per SM left."""
     target = resolve_target("sm_90")
     spec = _spec(("relu", (16, 64, 112, 112), "float32", {}), target)
     sch, _ = schedules.default_schedule(_func(spec), target)
@@ -316,7 +316,7 @@ def test_relu_moves_16_byte_vectors_several_per_thread_on_a_grid_that_fills_the_
     usage = assert_within_limits(sch, source, target)
     per_thread = 16 * 64 * 112 * 112 // (usage["blocks"] * usage["threads"])
     assert re.search(r"\*\(float4\*\)\(relu_ptr", source) and re.search(r"\*\(float4\*\)\(data_ptr", source)
-    assert per_thread >= 8 and usage["blocks"] >= 8 * gpu_config(target).sm_count, usage
+    assert per_thread >= 8 and usage["blocks"] >= 4 * 8 * gpu_config(target).sm_count, usage
 
 
 @pytest.mark.parametrize("layer", [((16, 64, 56, 56), 64, 1), ((16, 128, 28, 28), 256, 2), ((16, 512, 7, 7), 512, 1)])

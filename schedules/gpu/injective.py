@@ -6,7 +6,7 @@ never a second kernel.
 relu moves each element once and computes nothing: its speed is the memory bandwidth.  One scalar per thread
 issued too many small loads to reach it (an H100: 47 us against torch's 39 us on 16x64x112x112), so each thread
 moves 16-byte vectors (float4: the widest load a thread issues) and several of them, from a grid that still
-gives every SM a full wave of blocks.
+keeps several full waves of blocks.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ def spread_over_threads(sch: Schedule, block: SBlockRV, spatial: int, config: Gp
 
 # The widest load or store one CUDA thread issues (float4, double2)
 VECTOR_BYTES = 16
-# Vectors per thread: the default takes the most of these that leaves a full wave of resident blocks; the search
+# Vectors per thread: the default takes the most of these that leaves WAVES full waves of resident blocks; the search
 # space samples among them
 VECTORS_PER_THREAD = (1, 2, 4, 8)
-# Resident blocks of ``elementwise_threads`` per SM (2048 threads per SM / 256): a grid of at least this many
-# blocks per SM keeps every SM's memory pipeline full while each thread moves several vectors
+# Resident blocks of ``elementwise_threads`` per SM (2048 threads per SM / 256), and the waves of them a grid
+# keeps: a thread moves more vectors only while the grid has 4 or more full waves, so that the last, partly
+# filled wave idles at most a quarter of the time (1.5 waves of 8 vectors per thread would idle a third)
 RESIDENT_BLOCKS_PER_SM = 8
+WAVES = 4
 
 
 def _vector_lanes(elements: int, dtype: str) -> int:
@@ -49,7 +51,7 @@ def _vector_lanes(elements: int, dtype: str) -> int:
 
 
 def _default_vectors_per_thread(vectors: int, threads: int, config: GpuConfig) -> int:
-    enough_blocks = RESIDENT_BLOCKS_PER_SM * config.sm_count
+    enough_blocks = WAVES * RESIDENT_BLOCKS_PER_SM * config.sm_count
     return max(
         (k for k in VECTORS_PER_THREAD if vectors // (threads * k) >= enough_blocks),
         default=VECTORS_PER_THREAD[0],
