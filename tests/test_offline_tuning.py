@@ -27,7 +27,7 @@ from tvmlayers import layer_specs
 from tvmlayers.cli import main
 from tvmlayers.emulation import ensure_arm_environment
 from tvmlayers.records.database import RECORD_FILE, TuningLog
-from tvmlayers.targets import resolve_target
+from tvmlayers.targets import resolve_target, target_key
 from tvmlayers.tuning.offline import MeasuredFileError, export_candidates, import_measurements
 from tvmlayers.workloads import Workload, save_workloads
 
@@ -71,6 +71,11 @@ def exported(tmp_path_factory) -> dict:
     return {"root": root, "logs": logs, "folder": folder, "measured": root / "measured.json", "rows": measured}
 
 
+def _host_log(logs: Path) -> Path:
+    """The host target's log in a log root (the root holds other entries too: its lock, other targets)."""
+    return logs / target_key(resolve_target("host"))
+
+
 def _tampered(exported: dict, tmp_path: Path, change) -> Path:
     measured = json.loads(exported["measured"].read_text())
     change(measured)
@@ -80,7 +85,7 @@ def _tampered(exported: dict, tmp_path: Path, change) -> Path:
 
 
 def _log_lines(logs: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in next(logs.iterdir()).glob("database_*.json")}
+    return {p.name: p.read_text() for p in _host_log(logs).glob("database_*.json")}
 
 
 def test_the_folder_is_a_bundle_of_distinct_candidates_with_the_default_first(exported):
@@ -96,7 +101,7 @@ def test_the_folder_is_a_bundle_of_distinct_candidates_with_the_default_first(ex
     assert 2 <= len(conv) <= 4  # the default and up to 3 sampled tilings
     assert len(relu) == 1  # our relu rule has nothing to sample: only its default schedule
     export = conv[0]["candidate"]["export"]
-    ledger = json.loads((next(exported["logs"].iterdir()) / "offline" / f"{export}.json").read_text())
+    ledger = json.loads((_host_log(exported["logs"]) / "offline" / f"{export}.json").read_text())
     assert set(ledger["candidates"]) == {k["candidate"]["id"] for k in manifest["kernels"]}
     for kernel in manifest["kernels"]:
         entry = ledger["candidates"][kernel["candidate"]["id"]]
@@ -111,7 +116,7 @@ def test_measured_candidates_become_records_that_the_layers_use(exported, tmp_pa
     assert main(["logs", "import", str(exported["measured"]), "--log-dir", str(exported["logs"])]) == 0
     out = capsys.readouterr().out
     assert "measured on" in out and "x over the default" in out and "new record(s)" in out
-    log = TuningLog(next(exported["logs"].iterdir()))
+    log = TuningLog(_host_log(exported["logs"]))
     imported = {r["candidate"]["id"] for r in rows}
     assert {r.id for records in log.all_records().values() for r in records} == imported
     # a second import adds nothing
@@ -233,7 +238,7 @@ def _fresh_log(exported: dict, tmp_path: Path) -> Path:
     """A copy of the exported log root as it was right after the export: its ledger, no records."""
     logs = tmp_path / "logs"
     shutil.copytree(exported["logs"], logs)
-    for records in next(logs.iterdir()).glob("database_*.json"):
+    for records in _host_log(logs).glob("database_*.json"):
         records.write_text("")
     return logs
 
@@ -251,7 +256,7 @@ def test_an_import_that_dies_before_its_commit_leaves_the_records_as_they_were(e
     with pytest.raises(KeyboardInterrupt):
         import_measurements(exported["measured"], logs)
     monkeypatch.undo()
-    log = TuningLog(next(logs.iterdir()))
+    log = TuningLog(_host_log(logs))
     assert log.all_records() == {} and (log.directory / RECORD_FILE).read_text() == ""
     report = import_measurements(exported["measured"], logs)  # the next import completes it
     assert sum(w.imported for w in report.workloads.values()) == len(exported["rows"]["kernels"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def test_a_failed_build_names_its_kernel(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert [s.op for s in needed_specs(model, torch.randn(2, 3)) if build.is_cached(s)] == ["linear"]
 
 
-def test_ctrl_c_ends_the_workers_and_leaves_the_cache_usable(fresh_cache: Path) -> None:
+def _interrupted_precompile(cache: Path) -> tuple[str, list[int]]:
+    """Ctrl-C to a precompile of 40 kernels once the first is published: its stderr and its worker pids."""
     script = textwrap.dedent(
         """
         import sys, torch, tvmlayers as tl
@@ -160,10 +162,20 @@ def test_ctrl_c_ends_the_workers_and_leaves_the_cache_usable(fresh_cache: Path) 
         time.sleep(0.2)
     assert workers, "no worker processes seen"
     # interrupted once builds are under way (the first kernel published), with most of the 40 still to build
-    while not _published(fresh_cache) and time.monotonic() < deadline:
+    while not _published(cache) and time.monotonic() < deadline:
         time.sleep(0.05)
     parent.send_signal(signal.SIGINT)
     _, err = parent.communicate(timeout=60)
+    return err, workers
+
+
+def test_ctrl_c_ends_the_workers_and_leaves_the_cache_usable(fresh_cache: Path) -> None:
+    err, workers = _interrupted_precompile(fresh_cache)
+    if "KeyboardInterrupt" not in err and len(_published(fresh_cache)) == 40:
+        # once in a full run on a loaded machine (a fresh clone's first builds beside it) all 40 kernels were
+        # published before the signal was handled: no interrupt to judge, so once more in an empty cache
+        shutil.rmtree(fresh_cache)
+        err, workers = _interrupted_precompile(fresh_cache)
     assert "KeyboardInterrupt" in err
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the interrupted precompile"
     # the cache holds only complete entries: every kernel loads or builds now

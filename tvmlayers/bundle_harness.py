@@ -73,7 +73,7 @@ def check_bundle(bundle: str | Path, runner: Sequence[str] | None = None) -> lis
                     np.fromfile(work / f"o{i}.bin", dtype=e.dtype).reshape(e.shape) for i, e in enumerate(expected)
                 ]
                 problems = [
-                    bundle_run.compare(o, e, kernel["tolerance"]) for o, e in zip(outputs, expected, strict=True)
+                    bundle_run.compare(o, e, kernel["tolerance"])[1] for o, e in zip(outputs, expected, strict=True)
                 ]
                 problem = next((p for p in problems if p), None)
             rows.append(
