@@ -313,6 +313,33 @@ def test_training_a_converted_model_tracks_torch() -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
+def test_identity_shortcut_gradients_match_torch() -> None:
+    """ResNet's stride-1 block: the fused conv's residual is the first conv's input.  Backward once recomputed
+    through both layers (the residual's history), which ran the first conv's backward twice and failed."""
+    torch.manual_seed(7)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(x * 2)
+            return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+
+    reference = Block().double().eval()
+    converted = tl.convert(reference)
+    assert converted.tvmlayers_report.fused_residual == ["conv2 + relu"]
+    x = rand(2, 4, 6, 6)
+    out, expected = converted(x), reference(x)
+    grad = torch.randn_like(expected)
+    ours = torch.autograd.grad(out, (x, *converted.parameters()), grad)
+    theirs = torch.autograd.grad(expected, (x, *reference.parameters()), grad)
+    for got, want in zip(ours, theirs, strict=True):
+        assert_matches_torch(got, want)
+
+
 # ------------------------------------------------------------------------------------------ channels_last
 
 

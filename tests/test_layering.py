@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, list[str]], ...] = (
     ),
     ("records", ["records"]),  # the record store and its lookup
     ("build", "build cache kernel omp_pool threads nvcc".split()),
-    ("layers", "functional autograd torch_ops nn convert graph aot extract".split()),
+    ("layers", "functional autograd torch_ops nn convert graph executor aot extract".split()),
     ("applications", "bundle bundle_run bundle_harness cuda_call_check runtime_pack benchmark model_bench".split()),
     ("tuner", ["tuning"]),
     ("entry points", ["cli", ""]),  # "": the package's __init__, which loads the tuner lazily by name

@@ -53,12 +53,22 @@ def gradients(
     if spec is None:  # an empty output: no element of any input reaches it
         found = [torch.zeros_like(t) for t in wanted]
     else:
+        create_graph = torch.is_grad_enabled()
+        if not create_graph:
+            # Recompute on detached copies: with the saved tensors themselves, autograd.grad would also follow
+            # their history where one input derives from another (ResNet's identity shortcut: the residual is
+            # the conv input's ancestor), running the earlier layers' backward here and again in the caller's
+            # pass (which then fails: their saved tensors are freed) and counting that gradient twice.
+            tensors = [
+                t if t is None else t.detach().requires_grad_(need) for t, need in zip(tensors, needed, strict=True)
+            ]
+            wanted = [t for t, need in zip(tensors, needed, strict=True) if need]
         x, weight, bias, residual = (*tensors, None, None, None)[:4]
-        # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  The
-        # saved tensors keep their own history, so with create_graph the gradients are differentiable.
+        # Backward runs with grad mode off unless create_graph; the recomputed graph needs it on.  With
+        # create_graph the saved tensors keep their own history, so that the gradients are differentiable.
         with torch.enable_grad():
             out = torch_reference(spec, x, weight, bias, residual)[0]
-        found = torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled())
+        found = torch.autograd.grad(out, wanted, grad, create_graph=create_graph)
     found = iter(found)
     return [next(found) if need else None for need in needed]
 

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from .executor import install
 from .graph import (
     FUSED,
     TWINS,
@@ -59,7 +60,7 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
     try:
-        return convert_graph(model, target, fuse)
+        return install(convert_graph(model, target, fuse))
     except GraphUnsupported as error:
         warnings.warn(f"tvmlayers.convert: {error}; converting module by module, without graph passes", stacklevel=2)
         convert_modules(model, target, fuse)

@@ -16,6 +16,17 @@ from ..targets import TargetLike
 
 _tracing_state = torch._C._get_tracing_state  # bound once: read on every call
 
+# How many times any tvmlayers module forgot its memo for a change of its state (attribute set or deleted,
+# parameter registered, ``.to()``, unpickling): ``tvmlayers.executor``'s recorded programs compare it once per
+# call instead of checking each module.
+module_changes = 0
+
+
+def _forget_memo(module: torch.nn.Module) -> None:
+    global module_changes
+    module.__dict__["_memo"] = None
+    module_changes += 1
+
 
 class CompiledLayer(torch.nn.Module):
     """Mixin state of the tvmlayers modules: ``target`` (None = host CPU) and ``kernels``.
@@ -49,11 +60,11 @@ class CompiledLayer(torch.nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        self.__dict__["_memo"] = None
+        _forget_memo(self)
 
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)
-        self.__dict__["_memo"] = None
+        _forget_memo(self)
 
     def _init_parameters(
         self, weight_shape: tuple[int, ...], bias: bool, device: torch.device | str | None, dtype: torch.dtype | None
@@ -72,13 +83,13 @@ class CompiledLayer(torch.nn.Module):
         if name == "weight":
             track_data_writes(param)
         super().register_parameter(name, param)
-        self.__dict__["_memo"] = None
+        _forget_memo(self)
 
     def _apply(self, fn: Any, recurse: bool = True) -> CompiledLayer:
         # .to()/.double() may put new plain Parameters into _parameters directly (torch.__future__ options)
         super()._apply(fn, recurse)
         track_data_writes(self._parameters.get("weight"))
-        self.__dict__["_memo"] = None
+        _forget_memo(self)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
@@ -90,7 +101,7 @@ class CompiledLayer(torch.nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__["_memo"] = None  # also for pickles made before the memo existed
+        _forget_memo(self)  # also for pickles made before the memo existed
         # Parameter.__reduce_ex__ rebuilds a plain Parameter
         track_data_writes(self._parameters.get("weight"))
 

@@ -1,0 +1,204 @@
+"""The recorded-program forward of converted models (tvmlayers/executor.py): the same numbers as torch while the
+program runs, and torch's numbers again after anything it relied on changes; torch is the oracle throughout."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tvmlayers as tl
+from conftest import assert_close_scaled
+from tvmlayers import executor
+from tvmlayers.model_bench import randomize_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "models"))
+import resnet18  # noqa: E402
+
+
+class Net(nn.Module):
+    """A stem, a ResNet block (residual fused), a max-pool, a head, and a second output read by torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+        self.block = resnet18.BasicBlock(8, 8, stride=1)
+        self.head = nn.Linear(8, 5)
+
+    # no annotations: torch.fx copies a forward's string annotations into the code it pickles, which then fails
+    def forward(self, x):
+        features = self.block(self.pool(self.stem(x)))
+        return self.head(features.mean((2, 3))), features
+
+
+def make_net(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(Net()).eval()
+    return model, tl.convert(model)
+
+
+def program_of(converted: nn.Module, x: torch.Tensor) -> executor.Program:
+    return executor._programs[converted].by_signature[executor._signature((x,))]
+
+
+def assert_outputs(actual: tuple, expected: tuple) -> None:
+    for got, want in zip(actual, expected, strict=True):
+        assert_close_scaled(got, want)
+
+
+def test_program_runs_kernels_into_reused_buffers_with_torchs_numbers() -> None:
+    model, converted = make_net()
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        first = converted(x1)  # recorded while it runs
+        program = program_of(converted, x1)
+        kernel_paths = [path for path, *_ in program.kernel_modules]
+        assert kernel_paths == ["stem.0", "pool", "block.conv1", "block.conv2", "head"]
+        # pool and conv1 outputs are read only by kernels: two arena buffers; the block's output is returned
+        assert len(program.arena) == 2
+        second = converted(x2)  # the program
+        third = converted(x1)
+        assert_outputs(first, model(x1))
+        assert_outputs(second, model(x2))
+        assert_outputs(third, model(x1))
+    # what a call returned is the caller's: later calls never write into it
+    assert first[1].data_ptr() != third[1].data_ptr()
+    assert_outputs(first, third)
+
+
+def test_program_off_where_it_must_be() -> None:
+    model, converted = make_net(1)
+    x = torch.randn(1, 3, 12, 12)
+    out = converted(x)  # grad enabled and parameters requiring it: autograd, no program
+    assert out[0].grad_fn is not None and converted not in executor._programs
+    out[0].sum().backward()
+    assert converted.stem[0].weight.grad is not None
+    # under a tracer the graph's code runs: torch.fx records the layers as tvmlayers ops
+    with torch.no_grad():
+        traced = torch.fx.symbolic_trace(converted)
+    ops = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    assert sum(op.startswith("tvmlayers.") for op in ops) == 5, ops
+
+
+def test_changes_after_recording_are_seen() -> None:
+    model, converted = make_net(2)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        converted(x)
+        converted(x)
+        # an in-place weight write (the version counter); conv1's BatchNorm is folded into its weight, which
+        # scales per output channel: scaling both weights alike keeps the two models equal
+        converted.block.conv1.weight.mul_(-1.5)
+        model.block.conv1.weight.mul_(-1.5)
+        assert_outputs(converted(x), model(x))
+        # a new parameter object
+        converted.head.weight = nn.Parameter(torch.randn(5, 8))
+        model.head.weight = nn.Parameter(converted.head.weight.detach().clone())
+        assert_outputs(converted(x), model(x))
+        # .data assigned
+        converted.head.bias.data = torch.randn(5)
+        model.head.bias.data = converted.head.bias.detach().clone()
+        assert_outputs(converted(x), model(x))
+        # a layer replaced by a torch module
+        converted.pool = model.pool = nn.AvgPool2d(2)
+        assert_outputs(converted(x), model(x))
+        assert_outputs(converted(x), model(x))
+
+
+def test_hooks_added_after_recording_run_and_see_torchs_values() -> None:
+    model, converted = make_net(3)
+    x = torch.randn(1, 3, 16, 16)
+    seen = []
+    with torch.no_grad():
+        converted(x)
+        converted(x)
+        handle = converted.block.conv1.register_forward_hook(lambda m, args, out: seen.append(out.clone()) or out * 0)
+        got = converted(x)
+        # conv1's output zeroed by the hook: the block computes relu(bn2(conv2(0)) + identity)
+        want = model.block.relu(
+            model.block.bn2(model.block.conv2(torch.zeros_like(seen[0]))) + model.pool(model.stem(x))
+        )
+        assert_close_scaled(got[1], want)
+        assert_close_scaled(seen[0], model.block.relu(model.block.bn1(model.block.conv1(model.pool(model.stem(x))))))
+        handle.remove()
+        assert_outputs(converted(x), model(x))
+        # a global forward hook
+        calls = []
+        handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+        try:
+            converted(x)
+        finally:
+            handle.remove()
+        assert "ConvReLU2d" in calls and "Linear" in calls
+
+
+def test_input_signatures_each_get_a_program() -> None:
+    model, converted = make_net(4)
+    shapes = [(1, 3, 16, 16), (2, 3, 8, 8), (1, 3, 16, 16)]
+    with torch.inference_mode():
+        for shape in shapes * 2:
+            x = torch.randn(shape)
+            assert_outputs(converted(x), model(x))
+        # a channels_last input: a signature of its own; the stem's kernel cannot take it as it is
+        x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        assert_outputs(converted(x), model(x))
+        assert_outputs(converted(x), model(x))
+    assert len(executor._programs[converted].by_signature) == 3
+
+
+def test_threads_share_a_model() -> None:
+    model, converted = make_net(5)
+    inputs = [torch.randn(1, 3, 16, 16) for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+        converted(inputs[0])
+    failures = []
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                try:
+                    assert_outputs(converted(inputs[k]), expected[k])
+                except AssertionError as error:
+                    failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_copies_and_pickles_keep_the_program() -> None:
+    model, converted = make_net(6)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        converted(x)
+        for copied in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+            assert hasattr(type(copied).forward, "__wrapped__")
+            assert_outputs(copied(x), model(x))
+            assert_outputs(copied(x), model(x))
+            assert copied in executor._programs
+
+
+def test_edited_graph_runs_as_written() -> None:
+    model, converted = make_net(7)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        converted(x)
+        output = next(n for n in converted.graph.nodes if n.op == "output")
+        logits = output.args[0][0]
+        with converted.graph.inserting_before(output):
+            negated = converted.graph.call_function(torch.neg, (logits,))
+        output.args = ((negated, output.args[0][1]),)
+        converted.recompile()
+        got = converted(x)
+    assert_close_scaled(got[0], -model(x)[0])

@@ -1,0 +1,445 @@
+"""A converted model's inference forward as a recorded program: kernels called directly, activations in reused buffers.
+
+A converted model (``tvmlayers.graph``) runs its graph's code: every layer through its module's ``__call__``
+(hooks, the plan memo, argument checks) into a newly allocated output.  In inference that work is the same call
+after call, and measured it is what separates a converted model from its kernels: on MobileNetV2 (AMD EPYC
+znver4, 2 threads, batch 1) the graph's forward took 7.1-7.7 ms, its 53 kernel calls replayed on the same
+tensors 5.6-6.2 ms, and replayed on outputs placed in four reused buffers 5.0 ms (the buffers stay in cache;
+fresh allocations of ~25 MB of activations do not).  So the first call with grad disabled and a new input
+signature (every argument's type, shape, dtype, device and strides) records a :class:`Program` while it runs
+the graph, and later calls with that signature run the program:
+
+- a tvmlayers layer whose kernel ran on its input as given (no reshaping view, one output) becomes a *kernel
+  step*: the compiled function called with the input, the weight packed for its current version (as every
+  call does), the bias and the residual;
+- every other node (torch ops, other modules, methods) becomes a *generic step* doing what the graph's code
+  does, resolving modules by their path on every call;
+- a kernel step's output that only kernel steps read goes to an *arena* buffer, reused by liveness; every other
+  value is allocated per call, so what the caller gets (or a torch op keeps) is never overwritten later.
+
+Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
+and records anew: grad disabled, no global forward hooks, the root's and every kernel step's hooks empty,
+every kernel step's module still at its path with the same weight and bias objects, no tvmlayers module's
+attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a weight
+(``tvmlayers.layouts.data_assignments``).  A kernel step checks the inputs it takes from generic steps (shape,
+contiguous, aligned) as the module would, and calls the module instead where they differ.  A program runs in
+one thread at a time: a call that finds it running elsewhere runs the graph's code.  Tracing (dynamo, FX,
+fake tensors) always sees the graph's code.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.compiler import is_compiling
+from torch.fx.graph_module import GraphModule
+from torch.nn.modules import module as _torch_module
+
+from . import functional as F
+from . import layouts, nn
+from .graph import conv2d_add
+from .nn import _base
+
+__all__ = ["Program", "install"]
+
+# Programs per converted model (by input signature), least recently used first; a few, since each holds buffers
+_PROGRAMS_PER_MODEL = 4
+_programs: weakref.WeakKeyDictionary[GraphModule, _Programs] = weakref.WeakKeyDictionary()
+_programs_lock = threading.Lock()
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)  # with their fused subclasses: a weight, maybe a bias
+_KERNEL_MODULES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.ReLU)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+)
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def install(converted: GraphModule) -> GraphModule:
+    """Give ``converted`` (a GraphModule of ``tvmlayers.graph``) the recorded-program forward; kept by
+    ``copy.deepcopy`` and pickling.  Editing the graph and calling ``recompile()`` removes it (the new code
+    runs as written)."""
+    cls = type(converted)  # GraphModule gives every instance a class of its own, which recompile() rewrites
+    graph_forward = cls.forward
+
+    @functools.wraps(graph_forward)
+    def forward(self: GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if is_compiling() or kwargs or torch.is_grad_enabled():
+            return graph_forward(self, *args, **kwargs)
+        return _run(self, graph_forward, args)
+
+    cls.forward = forward
+    cls.__reduce__ = _reduce
+    if install not in converted._deepcopy_hooks:
+        converted._register_deepcopy_hook(install)  # GraphModule rebuilds copies from the graph
+    return converted
+
+
+def _reduce(self: GraphModule) -> tuple:
+    rebuild, arguments = GraphModule.__reduce__(self)
+    return _unpickled, (rebuild, arguments)
+
+
+def _unpickled(rebuild: Callable, arguments: tuple) -> GraphModule:
+    return install(rebuild(*arguments))
+
+
+class _Programs:
+    """The programs of one model by input signature, and the lock that lets one thread run them at a time."""
+
+    def __init__(self) -> None:
+        self.by_signature: OrderedDict[tuple, Program] = OrderedDict()
+        self.lock = threading.Lock()
+
+
+def _signature(args: tuple) -> tuple | None:
+    """What a program depends on in the arguments, None when they are not all plain tensors (tracers' proxies,
+    fake tensors, subclasses, non-tensors) or one requires grad."""
+    facts = []
+    for arg in args:
+        if type(arg) is not torch.Tensor or arg.requires_grad:
+            return None
+        facts.append((arg.shape, arg.dtype, arg.device, arg.stride(), arg.data_ptr() % F._ALIGNMENT == 0))
+    return tuple(facts)
+
+
+def _run(model: GraphModule, graph_forward: Callable, args: tuple) -> Any:
+    signature = _signature(args)
+    if signature is None:
+        return graph_forward(model, *args)
+    with _programs_lock:
+        programs = _programs.get(model)
+        if programs is None:
+            programs = _programs[model] = _Programs()
+    if not programs.lock.acquire(blocking=False):  # another thread runs it (or this one, re-entering)
+        return graph_forward(model, *args)
+    try:
+        by_signature = programs.by_signature
+        if signature in by_signature:
+            program = by_signature[signature]
+            if program is None:  # a graph the program does not take
+                return graph_forward(model, *args)
+            if program.valid(model):
+                by_signature.move_to_end(signature)
+                return program.run(model, args)
+        program, result = Program.record(model, args)
+        by_signature[signature] = program
+        by_signature.move_to_end(signature)
+        if len(by_signature) > _PROGRAMS_PER_MODEL:
+            by_signature.popitem(last=False)
+        return result
+    finally:
+        programs.lock.release()
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph as its code would, keeping every node's value and the plan each tvmlayers layer used."""
+
+    def __init__(self, model: GraphModule) -> None:
+        super().__init__(model, garbage_collect_values=False)
+        self.plans: dict[torch.fx.Node, F.Plan] = {}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        module = _kernel_module(self.module, node)
+        if module is None:
+            return super().run_node(node)
+        module.__dict__["_memo"] = None  # the call remembers the plan it used (none where it ran no kernel)
+        value = super().run_node(node)
+        memo = module.__dict__["_memo"]
+        if memo is not None:
+            self.plans[node] = memo[4]
+        return value
+
+
+def _kernel_module(root: torch.nn.Module, node: torch.fx.Node) -> torch.nn.Module | None:
+    """The tvmlayers layer ``node`` calls (as a module, or as the fused residual's conv), else None."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+    elif node.op == "call_function" and node.target is conv2d_add and node.args[0].op == "get_attr":
+        module = root.get_submodule(node.args[0].target)
+    else:
+        return None
+    return module if type(module) in _KERNEL_TYPES else None
+
+
+_KERNEL_TYPES = {
+    nn.Conv2d, nn.ConvReLU2d, nn.Conv2dReLU6, nn.ConvAdd2d, nn.ConvAddReLU2d,
+    nn.Linear, nn.LinearReLU, nn.LinearReLU6, nn.MaxPool2d, nn.ReLU,
+}  # fmt: skip
+
+
+def _path(node: torch.fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.args[0].target
+
+
+def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at ``path`` as the graph's code reaches it (through ``_modules``, without ``getattr``)."""
+    module = root
+    for part in path.split(".") if path else ():
+        module = module._modules[part]
+    return module
+
+
+def _kernel_ready(tensor: object, shape: tuple) -> bool:
+    """Whether a kernel takes ``tensor`` as it is: a plain contiguous tensor of ``shape`` on the alignment."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.shape == shape
+        and tensor.is_contiguous()
+        and tensor.data_ptr() % F._ALIGNMENT == 0
+    )
+
+
+class Program:
+    """One input signature's forward of a converted model: its steps, arena buffers and what they relied on.
+
+    Steps are functions of the environment, a list with a slot per graph node and the model in the last one
+    (a program holds no reference to its model, which owns it)."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[list], None]] = []
+        # (path, module, weight, bias) of every kernel step, checked before each run
+        self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
+        self.arena: list[torch.Tensor] = []
+        self.changes = (_base.module_changes, layouts.data_assignments)
+        self.output: Callable[[list], Any] = lambda env: None
+        self.placeholders: list[int] = []
+        self.size = 0
+
+    # -------------------------------------------------------------------------------------------- running
+
+    def valid(self, model: GraphModule) -> bool:
+        """Whether nothing the program relied on has changed (see the module's docstring)."""
+        if (_base.module_changes, layouts.data_assignments) != self.changes:
+            return False
+        if any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS):
+            return False
+        if any(getattr(model, name) for name in _MODULE_HOOKS):
+            return False
+        for path, module, weight, bias in self.kernel_modules:
+            try:
+                if _resolve(model, path) is not module:
+                    return False
+            except KeyError:
+                return False
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+            if weight is not None and (
+                module._parameters.get("weight") is not weight or module._parameters.get("bias") is not bias
+            ):
+                return False
+        return True
+
+    def run(self, model: GraphModule, args: tuple) -> Any:
+        env: list[Any] = [None] * self.size
+        env[-1] = model
+        for i, arg in zip(self.placeholders, args, strict=True):
+            env[i] = arg
+        for step in self.steps:
+            step(env)
+        return self.output(env)
+
+    # ------------------------------------------------------------------------------------------ recording
+
+    @classmethod
+    def record(cls, model: GraphModule, args: tuple) -> tuple[Program | None, Any]:
+        """Run ``model``'s graph on ``args`` as its code does and record it; returns the program (None for a
+        graph it does not take) and the result."""
+        recorder = _Recorder(model)
+        result = recorder.run(*args)
+        program = cls()
+        try:
+            program._build(model, recorder, len(args))
+        except _NotRecordable:
+            return None, result
+        return program, result
+
+    def _build(self, model: GraphModule, recorder: _Recorder, arguments: int) -> None:
+        nodes = list(model.graph.nodes)
+        index = {node: i for i, node in enumerate(nodes)}
+        self.size = len(nodes) + 1  # the model in the last slot
+        values = recorder.env
+        kernels = {node: plan for node, plan in recorder.plans.items() if _kernel_plan(model, node, plan, values)}
+        # an output read only by kernel steps may live in the arena (the output node's arguments never do)
+        in_arena = {node for node in kernels if node.users and all(user in kernels for user in node.users)}
+        last_reader = {}
+        for node in nodes:
+            for used in node.all_input_nodes:
+                last_reader[used] = node
+        free: list[torch.Tensor] = []
+        buffers: dict[torch.fx.Node, torch.Tensor] = {}  # arena node -> its base buffer
+        placeholders = 0
+        for node in nodes:
+            if node.op == "placeholder":
+                if node.args:  # a default value: the program only takes calls giving every argument
+                    raise _NotRecordable
+                self.placeholders.append(index[node])
+                placeholders += 1
+            elif node.op == "output":
+                self.output = _loader(node.args[0], index)
+            elif node in kernels:
+                out = None
+                if node in in_arena:
+                    buffers[node], out = self._arena_buffer(kernels[node].out_templates[0], free)
+                self.steps.append(self._kernel_step(model, node, kernels[node], out, index, set(buffers)))
+            else:
+                self.steps.append(_generic_step(node, index))
+            # a buffer whose last reader ran is free for the nodes after it (never for this node's own output:
+            # it was taken above, while its inputs were still held)
+            for used in node.all_input_nodes:
+                if last_reader.get(used) is node and used in buffers:
+                    free.append(buffers[used])
+        if placeholders != arguments:
+            raise _NotRecordable
+
+    def _arena_buffer(self, template: torch.Tensor, free: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, view): the smallest free arena buffer large enough, or a new one, and its view in ``template``'s
+        shape."""
+        need = template.numel()
+        fitting = [b for b in free if b.dtype == template.dtype and b.device == template.device and b.numel() >= need]
+        if fitting:
+            base = min(fitting, key=torch.Tensor.numel)
+            del free[next(k for k, b in enumerate(free) if b is base)]  # by identity: tensors compare elementwise
+        else:
+            with torch.inference_mode(False):  # a plain tensor, in whichever mode the recording ran
+                base = torch.empty(need, dtype=template.dtype, device=template.device)
+            self.arena.append(base)
+        return base, base[:need].view(template.shape)
+
+    def _kernel_step(
+        self,
+        model: GraphModule,
+        node: torch.fx.Node,
+        plan: F.Plan,
+        out: torch.Tensor | None,
+        index: dict,
+        arena_nodes: set,
+    ) -> Callable[[list], None]:
+        """The step calling ``node``'s kernel; into ``out`` (an arena view), or a new tensor where it is None."""
+        module = _kernel_module(model, node)
+        weighted = isinstance(module, _WEIGHTED)
+        weight = module._parameters.get("weight") if weighted else None
+        bias = module._parameters.get("bias") if weighted else None
+        self.kernel_modules.append((_path(node), module, weight, bias))
+        data = _data_args(node)
+        sources = [index[arg] for arg in data]
+        input_shapes = (tuple(plan.kernel.spec.input_shape), tuple(plan.out_templates[0].shape))
+        # inputs that are not arena buffers (from generic steps or the caller) are checked on every call, as the
+        # module would: the kernel reads raw memory
+        checked = [
+            (source, input_shapes[min(k, 1)])
+            for k, (source, arg) in enumerate(zip(sources, data, strict=True))
+            if arg not in arena_nodes
+        ]
+        function, template, i, block = (
+            plan.kernel.function,
+            plan.out_templates[0],
+            index[node],
+            plan.kernel.weight_block,
+        )
+        extra = () if bias is None else (bias,)
+        as_written = _generic_step(node, index)
+
+        def step(env: list) -> None:
+            for source, shape in checked:
+                if not _kernel_ready(env[source], shape):
+                    as_written(env)
+                    return
+            result = torch.empty_like(template) if out is None else out
+            if weighted:
+                residual = [env[source] for source in sources[1:]]
+                function(env[sources[0]], layouts.packed_weight(weight, block), *extra, *residual, result)
+            else:
+                function(env[sources[0]], result)
+            env[i] = result
+
+        return step
+
+
+class _NotRecordable(Exception):
+    """A graph the program does not take (placeholders with defaults, varargs): its code runs every call."""
+
+
+def _data_args(node: torch.fx.Node) -> tuple:
+    """The tensors a layer's node passes: (input,) or, for the fused residual, (input, residual)."""
+    return tuple(node.args[1:] if node.op == "call_function" else node.args)
+
+
+def _kernel_plan(model: GraphModule, node: torch.fx.Node, plan: F.Plan, values: dict) -> bool:
+    """Whether ``node``'s recorded call can be a kernel step: its kernel ran on the input as given (no view between
+    the caller's shapes and the kernel's), with one output, and the residual and bias as given."""
+    if plan.kernel is None or plan.in_view is not None or plan.out_view is not None or len(plan.out_templates) != 1:
+        return False
+    module = _kernel_module(model, node)
+    if isinstance(module, nn.ReLU) and module.inplace:
+        return False
+    data = _data_args(node)
+    if node.kwargs or len(data) != (2 if isinstance(module, nn.ConvAdd2d) else 1):
+        return False
+    if not all(isinstance(arg, torch.fx.Node) for arg in data):
+        return False
+    input_shape, out_shape = tuple(plan.kernel.spec.input_shape), tuple(plan.out_templates[0].shape)
+    if not _kernel_ready(values.get(data[0]), input_shape) or not _kernel_ready(values.get(node), out_shape):
+        return False
+    if len(data) == 2 and not _kernel_ready(values.get(data[1]), out_shape):
+        return False
+    if isinstance(module, _WEIGHTED):
+        bias = module._parameters.get("bias")  # a Parameter, which _kernel_ready's exact type test refuses
+        return bias is None or (bias.is_contiguous() and bias.data_ptr() % F._ALIGNMENT == 0)
+    return True
+
+
+def _loader(argument: object, index: dict) -> Callable[[list], Any]:
+    """A function of the environment giving ``argument`` with its nodes replaced by their values."""
+    if isinstance(argument, torch.fx.Node):
+        i = index[argument]
+        return lambda env: env[i]
+    nodes: list = []
+    torch.fx.node.map_arg(argument, nodes.append)
+    if not nodes:
+        return lambda env: argument
+    if isinstance(argument, tuple) and all(isinstance(a, torch.fx.Node) for a in argument):
+        slots = [index[a] for a in argument]
+        return lambda env: tuple([env[s] for s in slots])
+    return lambda env: torch.fx.node.map_arg(argument, lambda node: env[index[node]])
+
+
+def _generic_step(node: torch.fx.Node, index: dict) -> Callable[[list], None]:
+    """What the graph's code does for ``node``, its value written to the environment."""
+    i, target = index[node], node.target
+    load_args, load_kwargs = _loader(tuple(node.args), index), _loader(dict(node.kwargs), index)
+    if node.op == "call_function":
+
+        def step(env: list) -> None:
+            env[i] = target(*load_args(env), **load_kwargs(env))
+
+    elif node.op == "call_method":
+
+        def step(env: list) -> None:
+            owner, *rest = load_args(env)
+            env[i] = getattr(owner, target)(*rest, **load_kwargs(env))
+
+    elif node.op == "call_module":
+
+        def step(env: list) -> None:
+            env[i] = _resolve(env[-1], target)(*load_args(env), **load_kwargs(env))
+
+    elif node.op == "get_attr":
+        owner_path, _, name = target.rpartition(".")
+
+        def step(env: list) -> None:
+            env[i] = getattr(_resolve(env[-1], owner_path), name)
+
+    else:
+        raise _NotRecordable
+    return step
