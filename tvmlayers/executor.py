@@ -47,7 +47,7 @@ from . import layouts, nn
 from .graph import conv2d_add
 from .nn import _base
 
-__all__ = ["Program", "install"]
+__all__ = ["Program", "install", "programs"]
 
 # Programs per converted model (by input signature), least recently used first; a few, since each holds buffers
 _PROGRAMS_PER_MODEL = 4
@@ -92,6 +92,13 @@ def _reduce(self: GraphModule) -> tuple:
 
 def _unpickled(rebuild: Callable, arguments: tuple) -> GraphModule:
     return install(rebuild(*arguments))
+
+
+def programs(model: torch.nn.Module) -> list[Program]:
+    """The programs recorded for ``model`` (a converted model), least recently run first."""
+    with _programs_lock:
+        recorded = _programs.get(model)
+    return [] if recorded is None else [p for p in recorded.by_signature.values() if p is not None]
 
 
 class _Programs:
@@ -215,6 +222,14 @@ class Program:
         self.output: Callable[[list], Any] = lambda env: None
         self.placeholders: list[int] = []
         self.size = 0
+
+    def summary(self) -> str:
+        """What the program runs, in a line."""
+        megabytes = sum(b.numel() * b.element_size() for b in self.arena) / 1e6
+        return (
+            f"{len(self.kernel_modules)} of {len(self.steps)} steps call kernels directly, "
+            f"{len(self.arena)} arena buffers ({megabytes:.1f} MB)"
+        )
 
     # -------------------------------------------------------------------------------------------- running
 

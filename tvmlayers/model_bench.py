@@ -41,6 +41,7 @@ from .benchmark import (
     settled_and_alternating,
 )
 from .convert import convert
+from .executor import programs
 from .extract import extract_workloads
 from .formats import REPORT_FORMAT
 from .nn._base import CompiledLayer
@@ -251,6 +252,7 @@ class ModelReport:
     first_unmatched: str = ""
     conversion: str = ""  # convert's own summary (converted.tvmlayers_report): what was folded and fused
     fused: dict[str, int] = field(default_factory=dict)  # tvmlayers layer types in the converted model
+    program: str = ""  # what the converted model's recorded inference program runs (tvmlayers.executor)
     # the converted model's kernels against torch's twin layers: settled, then alternating without settling
     layers_settled: list[BenchRow] = field(default_factory=list)
     layers_alternating: list[BenchRow] = field(default_factory=list)
@@ -318,10 +320,13 @@ class ModelReport:
     def _notes(self) -> list[str]:
         fused = ", ".join(f"{name} {count}" for name, count in self.fused.items()) or "nothing converted"
         unmatched = f" (first unmatched: {self.first_unmatched})" if self.first_unmatched else ""
-        return [
+        notes = [
             f"leaf outputs: {self.leaves_matched} of {self.leaves} equal an original module's output{unmatched}",
             f"conversion: {self.conversion or 'no report from convert'}; modules: {fused}",
         ]
+        if self.program:
+            notes.append(f"inference program: {self.program}")
+        return notes
 
     def render(self, markdown: bool = False) -> str:
         parts = [self.header(), render_table(*self._candidate_table(), markdown), *self._notes()]
@@ -498,6 +503,8 @@ def bench_model(
                 candidate.speedup = eager.ms / candidate.ms
                 candidate.alternating_speedup = eager.alternating_ms / candidate.alternating_ms
         report.candidates.sort(key=lambda c: ["tvmlayers", *PEERS].index(c.name))
+        recorded = programs(converted) if converted is not None else []
+        report.program = recorded[-1].summary() if recorded else ""
         if layers and report.candidate("tvmlayers").status == "ok":
             _bench_layers(converted, x, target, repeat, warmup, report)
     return report
