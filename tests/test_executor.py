@@ -118,8 +118,11 @@ def test_hooks_added_after_recording_run_and_see_torchs_values() -> None:
     with torch.no_grad():
         converted(x)
         converted(x)
+        (program,) = executor.programs(converted)
         handle = converted.block.conv1.register_forward_hook(lambda m, args, out: seen.append(out.clone()) or out * 0)
         got = converted(x)
+        converted(x)
+        assert executor.programs(converted) == [program]  # not recorded again while the hook is there
         # conv1's output zeroed by the hook: the block computes relu(bn2(conv2(0)) + identity)
         want = model.block.relu(
             model.block.bn2(model.block.conv2(torch.zeros_like(seen[0]))) + model.pool(model.stem(x))
@@ -128,6 +131,7 @@ def test_hooks_added_after_recording_run_and_see_torchs_values() -> None:
         assert_close_scaled(seen[0], model.block.relu(model.block.bn1(model.block.conv1(model.pool(model.stem(x))))))
         handle.remove()
         assert_outputs(converted(x), model(x))
+        assert len(seen) == 2  # the hook ran on every call it was registered for
         # a global forward hook
         calls = []
         handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))

@@ -18,13 +18,13 @@ the graph, and later calls with that signature run the program:
   value is allocated per call, so what the caller gets (or a torch op keeps) is never overwritten later.
 
 Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
-and records anew: grad disabled, no global forward hooks, the root's and every kernel step's hooks empty,
-every kernel step's module still at its path with the same weight and bias objects, no tvmlayers module's
-attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a weight
-(``tvmlayers.layouts.data_assignments``).  A kernel step checks the inputs it takes from generic steps (shape,
-contiguous, aligned) as the module would, and calls the module instead where they differ.  A program runs in
-one thread at a time: a call that finds it running elsewhere runs the graph's code.  Tracing (dynamo, FX,
-fake tensors) always sees the graph's code.
+and records anew: every kernel step's module still at its path with the same weight and bias objects, no
+tvmlayers module's attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a
+weight (``tvmlayers.layouts.data_assignments``).  While forward hooks that a kernel step would bypass are
+registered (global ones, the model's, a kernel step's module's), the graph's code runs and the program waits.
+A kernel step checks the inputs it takes from generic steps (shape, contiguous, aligned) as the module would,
+and calls the module instead where they differ.  A program runs in one thread at a time: a call that finds it
+running elsewhere runs the graph's code.  Tracing (dynamo, FX, fake tensors, torch.jit) sees the graph's code.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ _programs: weakref.WeakKeyDictionary[GraphModule, _Programs] = weakref.WeakKeyDi
 _programs_lock = threading.Lock()
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)  # with their fused subclasses: a weight, maybe a bias
-_KERNEL_MODULES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.ReLU)
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
@@ -63,6 +62,7 @@ _GLOBAL_HOOKS = (
     "_global_forward_hooks_with_kwargs",
 )
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_tracing_state = torch._C._get_tracing_state  # torch.jit.trace: the graph's code runs, and its layers refuse it
 
 
 def install(converted: GraphModule) -> GraphModule:
@@ -74,7 +74,7 @@ def install(converted: GraphModule) -> GraphModule:
 
     @functools.wraps(graph_forward)
     def forward(self: GraphModule, *args: Any, **kwargs: Any) -> Any:
-        if is_compiling() or kwargs or torch.is_grad_enabled():
+        if is_compiling() or kwargs or torch.is_grad_enabled() or _tracing_state():
             return graph_forward(self, *args, **kwargs)
         return _run(self, graph_forward, args)
 
@@ -105,7 +105,7 @@ class _Programs:
     """The programs of one model by input signature, and the lock that lets one thread run them at a time."""
 
     def __init__(self) -> None:
-        self.by_signature: OrderedDict[tuple, Program] = OrderedDict()
+        self.by_signature: OrderedDict[tuple, Program | None] = OrderedDict()  # None: a graph it does not take
         self.lock = threading.Lock()
 
 
@@ -125,20 +125,23 @@ def _run(model: GraphModule, graph_forward: Callable, args: tuple) -> Any:
     if signature is None:
         return graph_forward(model, *args)
     with _programs_lock:
-        programs = _programs.get(model)
-        if programs is None:
-            programs = _programs[model] = _Programs()
-    if not programs.lock.acquire(blocking=False):  # another thread runs it (or this one, re-entering)
+        recorded = _programs.get(model)
+        if recorded is None:
+            recorded = _programs[model] = _Programs()
+    if not recorded.lock.acquire(blocking=False):  # another thread runs it (or this one, re-entering)
         return graph_forward(model, *args)
     try:
-        by_signature = programs.by_signature
+        by_signature = recorded.by_signature
         if signature in by_signature:
             program = by_signature[signature]
             if program is None:  # a graph the program does not take
                 return graph_forward(model, *args)
-            if program.valid(model):
+            obstacle = program.obstacle(model)
+            if obstacle is None:
                 by_signature.move_to_end(signature)
                 return program.run(model, args)
+            if obstacle == "hooks":
+                return graph_forward(model, *args)
         program, result = Program.record(model, args)
         by_signature[signature] = program
         by_signature.move_to_end(signature)
@@ -146,7 +149,7 @@ def _run(model: GraphModule, graph_forward: Callable, args: tuple) -> Any:
             by_signature.popitem(last=False)
         return result
     finally:
-        programs.lock.release()
+        recorded.lock.release()
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -233,27 +236,25 @@ class Program:
 
     # -------------------------------------------------------------------------------------------- running
 
-    def valid(self, model: GraphModule) -> bool:
-        """Whether nothing the program relied on has changed (see the module's docstring)."""
+    def obstacle(self, model: GraphModule) -> str | None:
+        """Why the program cannot run now: "hooks" (forward hooks it would bypass: the graph's code runs, and the
+        program waits for them to go), "changed" (something it relied on changed: record anew), else None."""
         if (_base.module_changes, layouts.data_assignments) != self.changes:
-            return False
-        if any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS):
-            return False
-        if any(getattr(model, name) for name in _MODULE_HOOKS):
-            return False
+            return "changed"
+        hooks = any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
+        hooks = hooks or any(getattr(model, name) for name in _MODULE_HOOKS)
         for path, module, weight, bias in self.kernel_modules:
             try:
                 if _resolve(model, path) is not module:
-                    return False
+                    return "changed"
             except KeyError:
-                return False
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
+                return "changed"
             if weight is not None and (
                 module._parameters.get("weight") is not weight or module._parameters.get("bias") is not bias
             ):
-                return False
-        return True
+                return "changed"
+            hooks = hooks or bool(module._forward_hooks or module._forward_pre_hooks)
+        return "hooks" if hooks else None
 
     def run(self, model: GraphModule, args: tuple) -> Any:
         env: list[Any] = [None] * self.size
