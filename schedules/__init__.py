@@ -54,6 +54,19 @@ def _padded_block(channels: int, lanes: int, fma_lanes: int) -> int:
     return min(blocks, key=lambda b: (-(-channels // b) * max(1, b // fma_lanes), -b))
 
 
+def _pointwise_rows(spec: KernelSpec, min_pixels: int | None) -> bool:
+    """Whether ``spec`` is an ungrouped stride-1 unpadded float32 1x1 conv of at least ``min_pixels`` output pixels
+    whose output channels tile by 4 or more (the row-vectorized rule's channel tile; other counts get padded
+    blocks)."""
+    if min_pixels is None or spec["groups"] != 1 or tuple(spec["weight_shape"][2:]) != (1, 1):
+        return False
+    if spec.dtype != "float32" or spec["weight_shape"][0] % 4:
+        return False
+    unpadded = not any(spec["padding"]) and spec["padding_mode"] == "zeros"
+    pixels = spec.input_shape[-1] * spec.input_shape[-2]
+    return tuple(spec["stride"]) == (1, 1) and unpadded and pixels >= min_pixels
+
+
 def weight_layout(spec: KernelSpec) -> dict:
     """{"weight_block": b}: the weight's output channels are stored in blocks of b (1 = torch's layout); a
     block that does not divide the output channels pads the last block with zeros (ungrouped convs)."""
@@ -70,6 +83,8 @@ def weight_layout(spec: KernelSpec) -> dict:
     if spec.op == "conv2d":
         if in_per_group == 1:  # depthwise: vectorize along the output row instead
             return {"weight_block": 1}
+        if config is not None and _pointwise_rows(spec, config.pointwise_rows_min_pixels):
+            return {"weight_block": 1}  # row-vectorized (see CpuConfig.pointwise_rows_min_pixels)
         out_channels //= spec["groups"]
     block = _block_size(out_channels, lanes)
     if spec.op == "linear" and block < lanes // 2 and in_per_group % lanes == 0:

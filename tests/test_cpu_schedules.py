@@ -12,6 +12,7 @@ import pytest
 import torch
 import tvm
 
+import tvmlayers as tl
 from conftest import HOST, assert_matches_torch, conv3x3_spec
 from tvmlayers import ops, schedules
 from tvmlayers.layouts import block_out_channels
@@ -254,6 +255,45 @@ def test_per_target_constants() -> None:
     for target, lanes in [(ZNVER4, 8), (AVX512, 16), (AVX2, 8), (AARCH64, 4)]:
         assert cpu_config(target).fma_lanes("float32") == lanes, target
     assert cpu_config(ZNVER4).fma_lanes("float64") == 4
+
+
+@pytest.mark.parametrize(
+    "shape, out, stride, rows",
+    [
+        ((1, 16, 112, 112), 96, 1, True),  # MobileNetV2's expansion at 112x112
+        ((1, 144, 56, 56), 24, 1, True),  # its projection at 56x56
+        ((1, 64, 28, 28), 128, 1, False),  # 784 pixels: below 56 x 56
+        ((1, 64, 56, 56), 128, 2, False),  # strided (ResNet's downsample): rows would gather
+        ((1, 16, 56, 56), 97, 1, False),  # 97 channels: no tile of 4 or more, padded blocks instead
+    ],
+)
+def test_large_pointwise_convs_run_row_vectorized_on_zen4(shape, out, stride, rows: bool) -> None:
+    """Stride-1 1x1 convs of at least 56x56 outputs take torch's weight layout and the row-vectorized rule on
+    znver4 (CpuConfig.pointwise_rows_min_pixels); other x86 CPUs and ARM keep the blocked rule."""
+    for target in (ZNVER4, AVX512, AARCH64):
+        spec = _spec(_conv(shape, out, kernel=1, stride=stride, padding=0), target)
+        func = ops.prim_func(spec, schedules.weight_layout(spec))
+        _, rule = schedules.default_schedule(func, target)
+        expected = rows and target is ZNVER4
+        assert (schedules.weight_layout(spec)["weight_block"] == 1) == expected, target
+        assert (rule == "cpu.conv2d_spatial") == expected, target
+
+
+def test_row_vectorized_pointwise_convs_compute_torchs_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row-vectorized 1x1 conv with relu6 and with a residual, on this machine's CPU (made to take it)."""
+    from tvmlayers.schedules.cpu import config  # noqa: PLC0415
+
+    monkeypatch.setitem(config.X86_POINTWISE_ROWS_MIN_PIXELS, str(HOST.attrs.get("mcpu", "")), 8 * 8)
+    monkeypatch.setattr(config, "_configs", {})
+    x, residual = torch.randn(2, 12, 8, 10), torch.randn(2, 20, 8, 10)
+    weight, bias = torch.randn(20, 12, 1, 1), torch.randn(20)
+    expected = torch.nn.functional.conv2d(x, weight, bias)
+    with torch.no_grad():
+        got, plan = tl.functional.conv2d_with_plan(x, weight, bias, 1, 0, 1, 1, "zeros", None, fuse_relu6=True)
+        added = tl.functional.conv2d(x, weight, bias, residual=residual)
+    assert (plan.kernel.weight_block, plan.kernel.provenance["rule"]) == (1, "cpu.conv2d_spatial")
+    assert_matches_torch(got, expected.clamp(0, 6))
+    assert_matches_torch(added, expected + residual)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from tvmlayers.records.family import family_key
 from tvmlayers.records.neighbours import distance, refit_tile, refit_trace
 from tvmlayers.records.travel import retarget
 from tvmlayers.records.verdicts import TRAVEL_FILE, Verdicts
+from tvmlayers.schedules.rule import has_block, parallel_outer
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target, target_json, target_key
 from tvmlayers.tuning.tuner import tune
@@ -147,8 +148,13 @@ def _write_log(root: Path, target: tvm.target.Target, spec: KernelSpec, sch: tvm
 
 def test_a_record_slower_here_is_declined(logs: Path) -> None:
     spec = conv3x3_spec((1, 16, 28, 28), 32)
-    unscheduled = tvm.s_tir.Schedule(ops.prim_func(spec, schedules.weight_layout(spec)))  # slow on purpose
-    _write_log(logs, SIBLING, spec, unscheduled)
+    # slow on purpose: scalar loops, but on the thread pool like the default, so that a loaded machine (other
+    # tests' threads) slows both alike; a single-threaded record once beat the spinning default there
+    slow = tvm.s_tir.Schedule(ops.prim_func(spec, schedules.weight_layout(spec)))
+    for block in ("pad", "conv_blocked", "conv2d"):
+        if has_block(slow, block):
+            parallel_outer(slow, block, 2)
+    _write_log(logs, SIBLING, spec, slow)
     x, weight, bias = torch.randn(1, 16, 28, 28), torch.randn(32, 16, 3, 3), torch.randn(32)
     with torch.inference_mode():
         out = tl.functional.conv2d(x, weight, bias, padding=1)

@@ -25,6 +25,14 @@ ARM_DEFAULT_L2_BYTES = 512 << 10  # an unnamed ARM core: the common size of the 
 # here (znver4, conv 16->33 3x5 on 2x16x50x100, output channels padded): blocks of 8 (40 channels) 0.54 ms,
 # blocks of 16 (48 channels) 0.68 ms.  Intel's AVX-512 cores and Zen 5 have full-width 512-bit FMAs.
 X86_FMA_BITS = {"znver4": 256}
+# x86 CPUs, by LLVM CPU name, whose ungrouped stride-1 1x1 convs run row-vectorized (``CpuConv2dSpatial``, torch's
+# weight layout) from this many output pixels up, instead of on output-channel blocks.  A 1x1 conv's reduction
+# is short, so the blocked tile's write-back (a transpose to NCHW, 7 columns per channel) weighs; rows of 16
+# contiguous outputs per channel store whole cache lines.  Measured on znver4 (2 threads, MobileNetV2's
+# pointwise convs, both layouts interleaved call by call, blocked time / row-vectorized time): 112x112 1.14-1.61,
+# 56x56 1.16-1.54, 28x28 0.96-1.18, 14x14 0.90-1.09, 7x7 0.64-0.72.  Not measured elsewhere (Emerald Rapids'
+# shipped MobileNetV2 records were tuned on the blocked layout).
+X86_POINTWISE_ROWS_MIN_PIXELS = {"znver4": 56 * 56}
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class CpuConfig:
     # The width the FMA units (and the other vector units) compute at once, where narrower than a register
     # (``X86_FMA_BITS``).
     fma_bits: int | None = None
+    # From how many output pixels a stride-1 1x1 conv runs row-vectorized (``X86_POINTWISE_ROWS_MIN_PIXELS``);
+    # None: never.
+    pointwise_rows_min_pixels: int | None = None
 
     def vector_lanes(self, dtype: str) -> int:
         """Elements of ``dtype`` in one SIMD register; 1 where the SIMD unit does not compute ``dtype``."""
@@ -95,8 +106,16 @@ def _x86_config(target: tvm.target.Target) -> CpuConfig:
     bits = 512 if avx512 else 256 if codegen.target_has_features("avx", target) else 128
     long_mode = str(target.attrs["mtriple"]).startswith("x86_64")
     registers = (32 if avx512 else 16) if long_mode else 8
-    fma_bits = X86_FMA_BITS.get(str(target.attrs.get("mcpu", "")))
-    return CpuConfig("x86", bits, ("float32", "float64"), registers, X86_L2_BYTES, fma_bits=fma_bits)
+    cpu = str(target.attrs.get("mcpu", ""))
+    return CpuConfig(
+        "x86",
+        bits,
+        ("float32", "float64"),
+        registers,
+        X86_L2_BYTES,
+        fma_bits=X86_FMA_BITS.get(cpu),
+        pointwise_rows_min_pixels=X86_POINTWISE_ROWS_MIN_PIXELS.get(cpu),
+    )
 
 
 def _arm_config(target: tvm.target.Target, isa: str) -> CpuConfig:
