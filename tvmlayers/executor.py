@@ -231,7 +231,7 @@ class Program:
         megabytes = sum(b.numel() * b.element_size() for b in self.arena) / 1e6
         return (
             f"{len(self.kernel_modules)} of {len(self.steps)} steps call kernels directly, "
-            f"{len(self.arena)} arena buffers ({megabytes:.1f} MB)"
+            f"{len(self.arena)} arena buffer{'' if len(self.arena) == 1 else 's'} ({megabytes:.1f} MB)"
         )
 
     # -------------------------------------------------------------------------------------------- running
