@@ -26,6 +26,7 @@ from tvmlayers.locks import file_lock
 from tvmlayers.records.database import RECORD_FILE, TuningLog, merge_logs, workload_hash
 from tvmlayers.spec import KernelSpec
 from tvmlayers.targets import resolve_target
+from tvmlayers.tuning import interrupt as interrupt_module
 from tvmlayers.tuning.interrupt import Interrupt, InterruptCallback
 from tvmlayers.tuning.tuner import tune
 from tvmlayers.verify import check_kernel
@@ -116,6 +117,21 @@ def test_a_second_tuner_on_the_same_log_is_refused(tmp_path: Path) -> None:
     with file_lock(_log(tmp_path).directory / ".tuner.lock"):  # as a running tuner holds it
         with pytest.raises(RuntimeError, match="another tvmlayers tune is already writing"):
             tune([CONV], HOST, trials=1, log_dir=tmp_path, progress=False)
+
+
+def test_a_search_that_builds_nothing_new_stops_with_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """MetaSchedule can keep searching spaces it has measured out (MobileNetV2 under ``--space ours``: 15
+    minutes without a build); after ``STALL_S`` without a build or a measurement tuning ends as if done.  Here
+    the limit is a second, shorter than a search round, so it ends after the first batch of each task."""
+    monkeypatch.setattr(interrupt_module, "STALL_S", 1.0)
+    depthwise = conv3x3_spec((1, 16, 6, 6), 16, groups=16)
+    results = tune([CONV, depthwise], HOST, trials=200, log_dir=tmp_path, space="ours", progress=False)
+    assert "nothing new to build or measure for 1 s" in capsys.readouterr().err
+    assert all(r.best is not None and 1 <= r.trials < 200 for r in results)
+    log = _log(tmp_path)
+    assert all(log.records(_hash(spec)) for spec in (CONV, depthwise))
 
 
 def test_interrupted_tuning_keeps_records_and_resumes(tmp_path: Path) -> None:

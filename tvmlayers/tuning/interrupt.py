@@ -11,6 +11,12 @@ through ``tune_tasks`` as a bare ``RuntimeError``, which the tuner turns back in
 so the flag is checked at every such call: builder, runner, each cost-model prediction (every few
 seconds of search) and each measured batch, after its records are in the database.  A second Ctrl-C
 while the first waits for one of those exits at once: the records of finished batches are on disk.
+
+The same place also ends a search that found nothing new: MetaSchedule keeps evolving populations of a task
+whose space holds no candidate it has not measured (``--space ours`` on a small layer: a few dozen tile
+choices), and ``tune_tasks`` never returns (MobileNetV2's 31 layers at 24 trials each: 275 measured, then 15
+minutes of search at full CPU with no build).  When the cost model is asked for predictions and nothing was
+built or measured for ``STALL_S``, tuning stops as if the trials were done, keeping every record.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from tvm.ir.utils import derived_object
@@ -38,6 +45,13 @@ from tvm.s_tir.meta_schedule.runner import (
 from .pools import ClosingLocalBuilder
 
 SIGINT_EXIT = 130  # the shell's status for a process ended by SIGINT
+# Seconds of search with nothing built or measured after which the spaces count as exhausted: a search round
+# takes seconds, a build a second or two, a measurement under qemu up to a minute (in the runner, not counted)
+STALL_S = 180.0
+
+
+class SearchExhausted(RuntimeError):
+    """Raised into MetaSchedule's search when it has found nothing new to build for ``STALL_S``."""
 
 
 class Interrupt:
@@ -45,7 +59,9 @@ class Interrupt:
 
     def __init__(self) -> None:
         self.requested = False
+        self.exhausted = False  # the search stopped finding new candidates (see SearchExhausted)
         self._raise_here = 0  # > 0 while the main thread is in Python code that may raise
+        self._progress_at = time.monotonic()
 
     def _handler(self, signum: int, frame: object) -> None:
         if self.requested and not self._raise_here:
@@ -70,7 +86,12 @@ class Interrupt:
         except BaseException:
             if self.requested:
                 raise KeyboardInterrupt from None  # whatever the interrupt became on its way through C++
-            raise
+            if not self.exhausted:
+                raise
+            sys.stderr.write(
+                f"\ntvmlayers tune: nothing new to build or measure for {STALL_S:.0f} s (the search spaces hold no "
+                "candidate that was not measured); stopping with the records measured\n"
+            )
         finally:
             signal.signal(signal.SIGINT, previous)
         self.check()  # tuning ended although its interrupt was swallowed: stop before re-timing
@@ -90,6 +111,16 @@ class Interrupt:
         if self.requested:
             raise KeyboardInterrupt
 
+    def progressed(self) -> None:
+        """Candidates were built or measured: the search is not stuck."""
+        self._progress_at = time.monotonic()
+
+    def check_stall(self) -> None:
+        """Raise ``SearchExhausted`` into the search when it has built nothing for ``STALL_S``."""
+        if time.monotonic() - self._progress_at > STALL_S:
+            self.exhausted = True
+            raise SearchExhausted(f"no new candidate for {STALL_S:.0f} s")
+
 
 @derived_object
 class InterruptibleBuilder(PyBuilder):
@@ -100,7 +131,9 @@ class InterruptibleBuilder(PyBuilder):
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         with self.interrupt.raising():
-            return self.builder.build(build_inputs)
+            results = self.builder.build(build_inputs)
+        self.interrupt.progressed()
+        return results
 
 
 @derived_object
@@ -131,12 +164,15 @@ class InterruptibleRunnerFuture(PyRunnerFuture):
 
     def result(self) -> RunnerResult:
         with self.interrupt.raising():
-            return self.future.result()
+            result = self.future.result()
+        self.interrupt.progressed()
+        return result
 
 
 @derived_object
 class InterruptibleCostModel(PyCostModel):
-    """Checks the flag each time the search asks for predictions (every few seconds of the C++ search).
+    """Checks the flag, and whether the search is stuck, each time it asks for predictions (every few seconds of
+    the C++ search).
 
     Only a check on entry: a prediction calls back into C++ (feature extraction), so SIGINT must not
     raise in the middle of one."""
@@ -157,6 +193,7 @@ class InterruptibleCostModel(PyCostModel):
 
     def predict(self, context, candidates):
         self.interrupt.check()
+        self.interrupt.check_stall()
         return self.model.predict(context, candidates)
 
 
