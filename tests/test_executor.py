@@ -31,8 +31,8 @@ class Net(nn.Module):
         self.block = resnet18.BasicBlock(8, 8, stride=1)
         self.head = nn.Linear(8, 5)
 
-    # no annotations: torch.fx copies a forward's string annotations into the code it pickles, which then fails
-    def forward(self, x):
+    # annotated under ``from __future__ import annotations``: strings, which fx once wrote into the code it pickles
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.block(self.pool(self.stem(x)))
         return self.head(features.mean((2, 3))), features
 

@@ -232,6 +232,12 @@ def convert_graph(model: torch.nn.Module, target: TargetLike, fuse: bool) -> tor
         passes.fuse_relus()
         passes.fuse_residual_adds()
     passes.swap_layers()
+    for node in graph.nodes:
+        # The forward's annotations, which fx would write into the generated code: under ``from __future__ import
+        # annotations`` they are strings, which fx turns into globals of the code that pickling cannot name
+        # ("'str' object has no attribute '__name__'"); they check nothing at run time.
+        if node.op in ("placeholder", "output"):
+            node.type = None
     graph.lint()
     converted = torch.fx.GraphModule(model, graph)
     # Keep model's own children, parameters and buffers, in model's order: the containers stay what they were
