@@ -44,7 +44,7 @@ from torch.nn.modules import module as _torch_module
 
 from . import functional as F
 from . import layouts, nn
-from .graph import conv2d_add
+from .graph import conv2d_add, has_forward_hooks
 from .nn import _base
 
 __all__ = ["Program", "install", "programs"]
@@ -61,7 +61,6 @@ _GLOBAL_HOOKS = (
     "_global_forward_hooks_always_called",
     "_global_forward_hooks_with_kwargs",
 )
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _tracing_state = torch._C._get_tracing_state  # torch.jit.trace: the graph's code runs, and its layers refuse it
 
 
@@ -242,7 +241,7 @@ class Program:
         if (_base.module_changes, layouts.data_assignments) != self.changes:
             return "changed"
         hooks = any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
-        hooks = hooks or any(getattr(model, name) for name in _MODULE_HOOKS)
+        hooks = hooks or has_forward_hooks(model)
         for path, module, weight, bias in self.kernel_modules:
             try:
                 if _resolve(model, path) is not module:
@@ -253,7 +252,7 @@ class Program:
                 module._parameters.get("weight") is not weight or module._parameters.get("bias") is not bias
             ):
                 return "changed"
-            hooks = hooks or bool(module._forward_hooks or module._forward_pre_hooks)
+            hooks = hooks or has_forward_hooks(module)
         return "hooks" if hooks else None
 
     def run(self, model: GraphModule, args: tuple) -> Any:

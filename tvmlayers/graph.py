@@ -163,7 +163,9 @@ class ConversionReport:
 
 def has_forward_hooks(module: torch.nn.Module) -> bool:
     """Whether ``module`` has forward hooks or pre-hooks (which must see what torch gives them)."""
-    return any(getattr(module, name, None) for name in (*_FORWARD_HOOKS, "_forward_hooks_with_kwargs"))
+    # two dict reads: the recorded inference program (tvmlayers.executor) asks this of every layer on every call.
+    # ``_forward_hooks_with_kwargs`` needs no look: its keys are ids of hooks that ``_forward_hooks`` holds.
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def twin(
