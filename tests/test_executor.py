@@ -205,3 +205,54 @@ def test_edited_graph_runs_as_written() -> None:
         converted.recompile()
         got = converted(x)
     assert_close_scaled(got[0], -model(x)[0])
+
+
+_misaligned_calls = [0]
+
+
+@torch.fx.wrap
+def misaligned_on_odd_calls(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied, off the kernels' alignment on odd calls: kernel steps reading it must call their modules."""
+    _misaligned_calls[0] += 1
+    if _misaligned_calls[0] % 2 == 0:
+        return x.clone()
+    storage = torch.empty(x.numel() + 1)
+    return storage[1:].view(x.shape).copy_(x)
+
+
+class DropoutNet(nn.Module):
+    """A ResNet block (its residual fused: a conv fetched by get_attr) fed by a torch function, then a dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = resnet18.BasicBlock(8, 8, stride=1)
+        self.drop = nn.Dropout(p=1.0)  # all zeros while training: easy to see
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.block(misaligned_on_odd_calls(self.stem(x))).mean((2, 3))))
+
+
+def test_skipped_steps_come_back_when_needed() -> None:
+    torch.manual_seed(8)
+    model = randomize_batchnorm(DropoutNet()).eval()
+    converted = tl.convert(model)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        converted(x)
+        program = program_of(converted, x)
+        # the residual's conv fetched by no step, the eval-mode dropout an alias of its input
+        fetched = [n for n in converted.graph.nodes if n.op == "get_attr"]
+        assert fetched and len(program.steps) == len(list(converted.graph.nodes)) - 2 - len(fetched)
+        assert [path for path, _ in program.identity_modules] == ["drop"]
+        for _ in range(4):  # the block's input misaligned on every other call: its layers call their modules
+            assert_close_scaled(converted(x), want)
+        assert executor.programs(converted) == [program]
+        # a dropout training again drops (p=1: everything), as torch's does
+        converted.drop.train()
+        model.drop.train()
+        assert program.obstacle(converted) == "changed"
+        assert_close_scaled(converted(x), model(x))
+        assert torch.equal(converted(x), converted.head.bias.expand(1, 5))

@@ -13,12 +13,16 @@ the graph, and later calls with that signature run the program:
   step*: the compiled function called with the input, the weight packed for its current version (as every
   call does), the bias and the residual;
 - every other node (torch ops, other modules, methods) becomes a *generic step* doing what the graph's code
-  does, resolving modules by their path on every call;
+  does, resolving modules by their path on every call, but for two kinds that become no call at all: a module
+  fetched only for kernel steps (the fused residual's conv: the step holds it), and an eval-mode Dropout or an
+  Identity, whose output is its input itself (torch code after a kernel is slow: it evicted that code from the
+  caches; on MobileNetV2 these took 7-20 us a fetch, 50 us the Dropout);
 - a kernel step's output that only kernel steps read goes to an *arena* buffer, reused by liveness; every other
   value is allocated per call, so what the caller gets (or a torch op keeps) is never overwritten later.
 
 Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
-and records anew: every kernel step's module still at its path with the same weight and bias objects, no
+and records anew: every kernel step's module still at its path with the same weight and bias objects, every
+skipped Dropout at its path and in eval mode, no
 tvmlayers module's attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a
 weight (``tvmlayers.layouts.data_assignments``).  While forward hooks that a kernel step would bypass are
 registered (global ones, the model's, a kernel step's module's), the graph's code runs and the program waits.
@@ -219,6 +223,8 @@ class Program:
         self.steps: list[Callable[[list], None]] = []
         # (path, module, weight, bias) of every kernel step, checked before each run
         self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
+        # (path, module) of every module skipped as the identity it is in eval mode (``_IDENTITIES``)
+        self.identity_modules: list[tuple[str, torch.nn.Module]] = []
         self.arena: list[torch.Tensor] = []
         self.changes = (_base.module_changes, layouts.data_assignments)
         self.output: Callable[[list], Any] = lambda env: None
@@ -253,6 +259,13 @@ class Program:
             ):
                 return "changed"
             hooks = hooks or has_forward_hooks(module)
+        for path, module in self.identity_modules:
+            try:
+                if _resolve(model, path) is not module or module.training:
+                    return "changed"
+            except KeyError:
+                return "changed"
+            hooks = hooks or has_forward_hooks(module)
         return "hooks" if hooks else None
 
     def run(self, model: GraphModule, args: tuple) -> Any:
@@ -285,8 +298,14 @@ class Program:
         self.size = len(nodes) + 1  # the model in the last slot
         values = recorder.env
         kernels = {node: plan for node, plan in recorder.plans.items() if _kernel_plan(model, node, plan, values)}
+
         # an output read only by kernel steps may live in the arena (the output node's arguments never do)
-        in_arena = {node for node in kernels if node.users and all(user in kernels for user in node.users)}
+        def read_by_kernels_only(node: torch.fx.Node) -> bool:
+            return bool(node.users) and all(user in kernels for user in node.users)
+
+        in_arena = {node for node in kernels if read_by_kernels_only(node)}
+        # a module fetched only for kernel steps (the fused residual's conv) is fetched by none: they hold it
+        unfetched = {node for node in nodes if node.op == "get_attr" and read_by_kernels_only(node)}
         last_reader = {}
         for node in nodes:
             for used in node.all_input_nodes:
@@ -306,7 +325,12 @@ class Program:
                 out = None
                 if node in in_arena:
                     buffers[node], out = self._arena_buffer(kernels[node].out_templates[0], free)
-                self.steps.append(self._kernel_step(model, node, kernels[node], out, index, set(buffers)))
+                self.steps.append(self._kernel_step(model, node, kernels[node], out, index, set(buffers), unfetched))
+            elif node in unfetched:
+                pass
+            elif _identity(model, node):
+                self.identity_modules.append((node.target, model.get_submodule(node.target)))
+                self.steps.append(_alias_step(index[node], index[node.args[0]]))
             else:
                 self.steps.append(_generic_step(node, index))
             # a buffer whose last reader ran is free for the nodes after it (never for this node's own output:
@@ -339,8 +363,10 @@ class Program:
         out: torch.Tensor | None,
         index: dict,
         arena_nodes: set,
+        unfetched: set,
     ) -> Callable[[list], None]:
-        """The step calling ``node``'s kernel; into ``out`` (an arena view), or a new tensor where it is None."""
+        """The step calling ``node``'s kernel; into ``out`` (an arena view), or a new tensor where it is None.
+        ``unfetched``: get_attr nodes without a step of their own, which calling the module instead fetches."""
         module = _kernel_module(model, node)
         weighted = isinstance(module, _WEIGHTED)
         weight = module._parameters.get("weight") if weighted else None
@@ -363,12 +389,13 @@ class Program:
             plan.kernel.weight_block,
         )
         extra = () if bias is None else (bias,)
-        as_written = _generic_step(node, index)
+        as_written = [_generic_step(arg, index) for arg in node.args if arg in unfetched] + [_generic_step(node, index)]
 
         def step(env: list) -> None:
             for source, shape in checked:
                 if not _kernel_ready(env[source], shape):
-                    as_written(env)
+                    for fallback in as_written:
+                        fallback(env)
                     return
             result = torch.empty_like(template) if out is None else out
             if weighted:
@@ -412,6 +439,27 @@ def _kernel_plan(model: GraphModule, node: torch.fx.Node, plan: F.Plan, values: 
         bias = module._parameters.get("bias")  # a Parameter, which _kernel_ready's exact type test refuses
         return bias is None or (bias.is_contiguous() and bias.data_ptr() % F._ALIGNMENT == 0)
     return True
+
+
+# Modules that return their input itself in eval mode, skipped there; exact types (a subclass may override forward)
+_IDENTITIES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _identity(model: GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls a module of ``_IDENTITIES`` in eval mode on one node, which it returns as it is.
+    Skipping one saves more than its call: the first torch code after a kernel that evicted it from the caches
+    runs slowly (a Dropout's call took 50 us after MobileNetV2's last conv)."""
+    if node.op != "call_module" or node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    module = model.get_submodule(node.target)
+    return type(module) in _IDENTITIES and (type(module) is torch.nn.Identity or not module.training)
+
+
+def _alias_step(i: int, source: int) -> Callable[[list], None]:
+    def step(env: list) -> None:
+        env[i] = env[source]
+
+    return step
 
 
 def _loader(argument: object, index: dict) -> Callable[[list], Any]:
