@@ -310,3 +310,48 @@ def test_the_cpu_family_does_not_serve_targets_without_its_simd(target: dict) ->
     assert not any(rule.name.startswith("cpu.") for rule in schedules.rules_for(target))
     with pytest.raises(ValueError, match="CPU schedule rules serve"):
         cpu_config(target)
+
+
+def _parallel_extents(sch) -> list[int]:
+    return [int(e) for e in re.findall(r"T\.parallel\((\d+)\)", sch.mod.script())]
+
+
+@pytest.mark.parametrize(
+    "shape, stride, planes",
+    [
+        ((2, 24, 7, 7), 1, True),  # MobileNetV2's last depthwise size
+        ((1, 16, 14, 14), 1, True),
+        ((1, 16, 15, 15), 1, False),  # 225 output pixels: rows
+        ((1, 16, 28, 28), 2, False),  # strided: rows padded one at a time
+    ],
+)
+def test_small_depthwise_planes_run_a_plane_per_iteration(shape, stride: int, planes: bool) -> None:
+    """Stride-1 depthwise convs of up to 14x14 outputs run one parallel loop over planes, each padding its input
+    plane (PLANE_MAX_PIXELS); larger ones a parallel loop over output rows after one padding the input."""
+    n, c, h, _ = shape
+    for target in (ZNVER4, AVX512, AARCH64, ARMV7):
+        spec = _spec(_conv(shape, c, stride=stride, groups=c), target)
+        sch, rule = schedules.default_schedule(ops.prim_func(spec, schedules.weight_layout(spec)), target)
+        assert rule == "cpu.conv2d_spatial"
+        if planes:
+            assert _parallel_extents(sch) == [n * c], target
+        else:
+            assert n * c * ((h - 1) // stride + 1) in _parallel_extents(sch), target
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_depthwise_planes_compute_torchs_numbers(padding_mode: str) -> None:
+    x, residual = torch.randn(2, 24, 7, 9), torch.randn(2, 24, 7, 9)
+    weight, bias = torch.randn(24, 1, 3, 3), torch.randn(24)
+    conv = torch.nn.Conv2d(24, 24, 3, padding=1, groups=24, padding_mode=padding_mode)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        expected = conv(x)
+        got, plan = tl.functional.conv2d_with_plan(x, weight, bias, 1, 1, 1, 24, padding_mode, None, fuse_relu6=True)
+        added = tl.functional.conv2d(
+            x, weight, bias, padding=1, groups=24, padding_mode=padding_mode, residual=residual
+        )
+    assert plan.kernel.provenance["rule"] == "cpu.conv2d_spatial"
+    assert_matches_torch(got, expected.clamp(0, 6))
+    assert_matches_torch(added, expected + residual)
