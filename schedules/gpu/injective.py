@@ -15,7 +15,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from ..rule import input_dtype, op_of
+from ..rule import has_block, input_dtype, op_of
 from .config import GpuConfig, gpu_config
 from .tiling import DEFAULT_UNROLL, sample_threads
 
@@ -109,6 +109,10 @@ class GpuMaxPool2d:
         thread = spread_over_threads(sch, block, 4, gpu_config(target), tunable)
         for write in writes:
             sch.reverse_compute_at(write, thread)
+        if has_block(sch, "max_pool2d_rows"):  # without indices: each thread its window's column maxima, in registers
+            column_max = sch.get_sblock("max_pool2d_rows")
+            sch.compute_at(column_max, thread, preserve_unit_loops=True)
+            sch.set_scope(column_max, 0, "local")
         sch.annotate(thread, "pragma_auto_unroll_max_step", DEFAULT_UNROLL)
         sch.annotate(thread, "pragma_unroll_explicit", 1)
         return sch

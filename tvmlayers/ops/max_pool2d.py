@@ -1,6 +1,11 @@
 """max_pool2d as a tensor expression, with torch's index semantics.
 
-Windows read the input directly: a position outside the input counts as -inf and never wins.  The argmax
+Windows read the input directly: a position outside the input counts as -inf and never wins.  Without indices
+the window's maximum is taken in two passes, over its rows (``max_pool2d_rows``: each (padded) input column's
+maximum over the window's rows, for each output row), then over its columns: the first pass reads whole input
+rows (contiguous: SIMD vectors on a CPU), the second ``kW`` values per output instead of ``kH * kW``, without
+bounds checks.  The
+maximum does not depend on the order (a NaN anywhere still gives NaN).  The argmax
 reducer reproduces torch's CPU kernel exactly: the first maximum in row-major window order wins, a NaN
 wins over everything and propagates, and the index is ``y * W + x`` within the input plane.  Both start
 from -inf, not from the lowest finite value, so a window of -inf inputs gives -inf (and, like torch, the
@@ -63,11 +68,21 @@ def max_pool2d_compute(
 
     shape = (n, c, out_hw[0], out_hw[1])
     if not return_indices:
-        reducer = _max_reducer()
+        # columns of the window's row maxima, in padded coordinates: every column some window reads, so the second
+        # pass reads no position outside them (and needs no bounds check)
+        columns = (out_hw[1] - 1) * stride[1] + (kernel_size[1] - 1) * dilation[1] + 1
+
+        def column_max(b, ch, y, padded_col):
+            row, col = y * stride[0] - padding[0] + i * dilation[0], padded_col - padding[1]
+            # the column tests only where columns lie outside the input: a vector of tests on every row otherwise
+            bounds = [row >= 0, row < h]
+            bounds += ([col >= 0] if padding[1] else []) + ([col < w] if columns - padding[1] > w else [])
+            return _max_reducer()(tirx.if_then_else(tirx.all(*bounds), data[b, ch, row, col], lowest), axis=[i])
+
+        rows = te.compute((n, c, out_hw[0], columns), column_max, name="max_pool2d_rows")
 
         def pool(b, ch, y, x):
-            row, col, inside = window(y, x)
-            return reducer(tirx.if_then_else(inside, data[b, ch, row, col], lowest), axis=[i, j])
+            return _max_reducer()(rows[b, ch, y, x * stride[1] + j * dilation[1]], axis=[j])
 
         return [te.compute(shape, pool, name="max_pool2d")]
 
