@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -246,7 +247,7 @@ def test_skipped_steps_come_back_when_needed() -> None:
         # the residual's conv fetched by no step, the eval-mode dropout an alias of its input
         fetched = [n for n in converted.graph.nodes if n.op == "get_attr"]
         assert fetched and len(program.steps) == len(list(converted.graph.nodes)) - 2 - len(fetched)
-        assert [path for path, _ in program.identity_modules] == ["drop"]
+        assert [path for path, _ in program.skipped_modules] == ["drop"]
         for _ in range(4):  # the block's input misaligned on every other call: its layers call their modules
             assert_close_scaled(converted(x), want)
         assert executor.programs(converted) == [program]
@@ -256,3 +257,94 @@ def test_skipped_steps_come_back_when_needed() -> None:
         assert program.obstacle(converted) == "changed"
         assert_close_scaled(converted(x), model(x))
         assert torch.equal(converted(x), converted.head.bias.expand(1, 5))
+
+
+class PoolHead(nn.Module):
+    """A conv, a global average pool in one of torch's spellings, flatten, a dropout and a linear head."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.spelling == "module":
+            x = torch.flatten(self.pool(x), 1)
+        elif self.spelling == "function":
+            x = torch.nn.functional.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
+        else:
+            x = x.mean((2, 3))
+        return self.head(self.drop(x))
+
+
+@pytest.mark.parametrize("spelling", ["module", "function", "mean"])
+def test_global_average_pools_run_as_kernels(spelling: str) -> None:
+    torch.manual_seed(9)
+    model = PoolHead(spelling).eval()
+    converted = tl.convert(model)
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_scaled(converted(x), model(x))
+        program = program_of(converted, x)
+        # conv, pool and head call kernels; flatten is a fixed view of the pool's arena buffer, the dropout its alias
+        assert program.kernel_calls == 3 and len(program.steps) == (3 if spelling == "mean" else 4) + 1
+        assert len(program.arena) == 2
+        if spelling == "module":  # a pool that is no longer global: torch's again
+            converted.pool.output_size = model.pool.output_size = 2
+            assert program.obstacle(converted) == "changed"
+            with pytest.raises(RuntimeError, match="cannot be multiplied"):
+                model(x)  # 16 * 2 * 2 features for a head of 16: torch refuses, and so does the converted model
+            with pytest.raises(ValueError, match="cannot be multiplied"):
+                converted(x)
+            converted.pool.output_size = model.pool.output_size = 1
+            assert_close_scaled(converted(x), model(x))
+
+
+def test_a_pool_of_a_returned_value_stays_torchs() -> None:
+    """The conv's output is also returned: it is the caller's, not an arena buffer, and the pool runs as written."""
+
+    class Both(PoolHead):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.conv(x)
+            return self.head(torch.flatten(self.pool(features), 1)), features
+
+    torch.manual_seed(10)
+    model = Both("module").eval()
+    converted = tl.convert(model)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        first = converted(x)
+        second = converted(x)
+        assert_outputs(second, model(x))
+        assert program_of(converted, x).kernel_calls == 2
+    assert first[1].data_ptr() != second[1].data_ptr()
+
+
+def test_arena_buffers_outlive_their_views() -> None:
+    """The first pool's buffer is read through a flatten view after the second pool ran: reusing it for the second
+    pool's output (the same size) would give the first head the second pool's means."""
+
+    class TwoPools(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 16, 3), nn.Conv2d(3, 16, 5)
+            self.head1, self.head2 = nn.Linear(16, 4), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.conv1(x), 1), 1)
+            second = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.conv2(x), 1), 1)
+            return self.head1(first) - self.head2(second)
+
+    torch.manual_seed(11)
+    model = TwoPools().eval()
+    converted = tl.convert(model)
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_scaled(converted(x), model(x))
+        assert program_of(converted, x).kernel_calls == 6

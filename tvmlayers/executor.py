@@ -17,18 +17,23 @@ the graph, and later calls with that signature run the program:
   fetched only for kernel steps (the fused residual's conv: the step holds it), and an eval-mode Dropout or an
   Identity, whose output is its input itself (torch code after a kernel is slow: it evicted that code from the
   caches; on MobileNetV2 these took 7-20 us a fetch, 50 us the Dropout);
-- a kernel step's output that only kernel steps read goes to an *arena* buffer, reused by liveness; every other
-  value is allocated per call, so what the caller gets (or a torch op keeps) is never overwritten later.
+- a global average pool (``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``) of an
+  arena buffer becomes a kernel step too: a linear kernel's dot products of each plane with ``1 / (H * W)``;
+- a kernel step's output that only kernel steps read, directly or through views (flatten, reshape, view, squeeze,
+  unsqueeze) and skipped identities, goes to an *arena* buffer, reused by liveness (a buffer is held until the
+  last reader of any view of it ran); such views are made once, on the buffer; every other value is allocated per
+  call, so what the caller gets (or a torch op keeps) is never overwritten later.
 
 Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
 and records anew: every kernel step's module still at its path with the same weight and bias objects, every
-skipped Dropout at its path and in eval mode, no
+skipped Dropout at its path and in eval mode (a pool run as a kernel at its path and global), no
 tvmlayers module's attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a
 weight (``tvmlayers.layouts.data_assignments``).  While forward hooks that a kernel step would bypass are
 registered (global ones, the model's, a kernel step's module's), the graph's code runs and the program waits.
 A kernel step checks the inputs it takes from generic steps (shape, contiguous, aligned) as the module would,
-and calls the module instead where they differ.  A program runs in one thread at a time: a call that finds it
-running elsewhere runs the graph's code.  Tracing (dynamo, FX, fake tensors, torch.jit) sees the graph's code.
+and calls the module instead where they differ (copying the result into its arena buffer, if it has one).  A
+program runs in one thread at a time: a call that finds it running elsewhere runs the graph's code.  Tracing
+(dynamo, FX, fake tensors, torch.jit) sees the graph's code.
 """
 
 from __future__ import annotations
@@ -223,9 +228,11 @@ class Program:
         self.steps: list[Callable[[list], None]] = []
         # (path, module, weight, bias) of every kernel step, checked before each run
         self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
-        # (path, module) of every module skipped as the identity it is in eval mode (``_IDENTITIES``)
-        self.identity_modules: list[tuple[str, torch.nn.Module]] = []
+        # (path, module) of every torch module the program does not call: eval-mode identities (``_IDENTITIES``) and
+        # global average pools run as kernels; checked before each run to still do what it recorded
+        self.skipped_modules: list[tuple[str, torch.nn.Module]] = []
         self.arena: list[torch.Tensor] = []
+        self.kernel_calls = 0  # steps calling a kernel: the layers' and the global average pools'
         self.changes = (_base.module_changes, layouts.data_assignments)
         self.output: Callable[[list], Any] = lambda env: None
         self.placeholders: list[int] = []
@@ -235,7 +242,7 @@ class Program:
         """What the program runs, in a line."""
         megabytes = sum(b.numel() * b.element_size() for b in self.arena) / 1e6
         return (
-            f"{len(self.kernel_modules)} of {len(self.steps)} steps call kernels directly, "
+            f"{self.kernel_calls} of {len(self.steps)} steps call kernels directly, "
             f"{len(self.arena)} arena buffer{'' if len(self.arena) == 1 else 's'} ({megabytes:.1f} MB)"
         )
 
@@ -259,9 +266,9 @@ class Program:
             ):
                 return "changed"
             hooks = hooks or has_forward_hooks(module)
-        for path, module in self.identity_modules:
+        for path, module in self.skipped_modules:
             try:
-                if _resolve(model, path) is not module or module.training:
+                if _resolve(model, path) is not module or not _skippable(module):
                     return "changed"
             except KeyError:
                 return "changed"
@@ -298,20 +305,37 @@ class Program:
         self.size = len(nodes) + 1  # the model in the last slot
         values = recorder.env
         kernels = {node: plan for node, plan in recorder.plans.items() if _kernel_plan(model, node, plan, values)}
+        pools = {node: plan for node in nodes if (plan := _pool_plan(model, node, values, kernels)) is not None}
+        # nodes whose value is their input's memory: eval-mode identities and views (flatten, reshape, ...)
+        passes = {node for node in nodes if _identity(model, node) or _is_view(node, values)}
 
-        # an output read only by kernel steps may live in the arena (the output node's arguments never do)
+        # an output read only by kernel steps (directly, or through views of it) may live in the arena (the output
+        # node's arguments never do); a global average pool runs as a kernel where its input does
         def read_by_kernels_only(node: torch.fx.Node) -> bool:
-            return bool(node.users) and all(user in kernels for user in node.users)
+            return bool(node.users) and all(
+                user in kernels or user in pools or (user in passes and read_by_kernels_only(user))
+                for user in node.users
+            )
 
         in_arena = {node for node in kernels if read_by_kernels_only(node)}
+        pools = {node: plan for node, plan in pools.items() if node.args[0] in in_arena}
+        in_arena |= {node for node in pools if read_by_kernels_only(node)}
         # a module fetched only for kernel steps (the fused residual's conv) is fetched by none: they hold it
         unfetched = {node for node in nodes if node.op == "get_attr" and read_by_kernels_only(node)}
+        # an arena buffer is free once every reader of its node and of the views of it ran
+        root: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in nodes:
+            if node in in_arena:
+                root[node] = node
+            elif node in passes and node.args[0] in root:
+                root[node] = root[node.args[0]]
         last_reader = {}
         for node in nodes:
             for used in node.all_input_nodes:
-                last_reader[used] = node
+                last_reader[root.get(used, used)] = node
         free: list[torch.Tensor] = []
         buffers: dict[torch.fx.Node, torch.Tensor] = {}  # arena node -> its base buffer
+        views: dict[torch.fx.Node, torch.Tensor] = {}  # arena-backed node -> its value, fixed for the program
         placeholders = 0
         for node in nodes:
             if node.op == "placeholder":
@@ -321,23 +345,35 @@ class Program:
                 placeholders += 1
             elif node.op == "output":
                 self.output = _loader(node.args[0], index)
-            elif node in kernels:
+            elif node in kernels or node in pools:
                 out = None
                 if node in in_arena:
-                    buffers[node], out = self._arena_buffer(kernels[node].out_templates[0], free)
-                self.steps.append(self._kernel_step(model, node, kernels[node], out, index, set(buffers), unfetched))
+                    template = kernels[node].out_templates[0] if node in kernels else values[node]
+                    buffers[node], views[node] = self._arena_buffer(template, free)
+                    out = views[node]
+                if node in kernels:
+                    step = self._kernel_step(model, node, kernels[node], out, index, set(views), unfetched)
+                else:
+                    step = self._pool_step(model, node, pools[node], views[node.args[0]], out, values[node], index)
+                self.steps.append(step)
+                self.kernel_calls += 1
             elif node in unfetched:
                 pass
-            elif _identity(model, node):
-                self.identity_modules.append((node.target, model.get_submodule(node.target)))
+            elif node in passes and node.op == "call_module":
+                self.skipped_modules.append((node.target, model.get_submodule(node.target)))
                 self.steps.append(_alias_step(index[node], index[node.args[0]]))
+                if node.args[0] in views:
+                    views[node] = views[node.args[0]]
+            elif node in passes and node.args[0] in views:
+                views[node] = _view_of(node, views[node.args[0]], values[node])
+                self.steps.append(_constant_step(index[node], views[node]))
             else:
                 self.steps.append(_generic_step(node, index))
             # a buffer whose last reader ran is free for the nodes after it (never for this node's own output:
             # it was taken above, while its inputs were still held)
-            for used in node.all_input_nodes:
-                if last_reader.get(used) is node and used in buffers:
-                    free.append(buffers[used])
+            for done in {root[used] for used in node.all_input_nodes if used in root}:
+                if last_reader[done] is node:
+                    free.append(buffers[done])
         if placeholders != arguments:
             raise _NotRecordable
 
@@ -354,6 +390,42 @@ class Program:
                 base = torch.empty(need, dtype=template.dtype, device=template.device)
             self.arena.append(base)
         return base, base[:need].view(template.shape)
+
+    def _pool_step(
+        self,
+        model: GraphModule,
+        node: torch.fx.Node,
+        plan: F.Plan,
+        source: torch.Tensor,
+        out: torch.Tensor | None,
+        recorded: torch.Tensor,
+        index: dict,
+    ) -> Callable[[list], None]:
+        """The step of a global average pool (``_pool_plan``) on ``source`` (an arena buffer's view), into ``out`` (an
+        arena view) or a new tensor where it is None."""
+        if node.op == "call_module":
+            self.skipped_modules.append((node.target, model.get_submodule(node.target)))
+        n, c, h, w = source.shape
+        planes = source.view(n * c, h * w)
+        weights = layouts.block_out_channels(
+            torch.full((1, h * w), 1.0 / (h * w), dtype=source.dtype), plan.kernel.weight_block
+        )
+        function, i = plan.kernel.function, index[node]
+        if out is not None:
+            means = out.view(n * c, 1)
+
+            def step(env: list) -> None:
+                function(planes, weights, means)
+                env[i] = out
+
+        else:
+
+            def step(env: list) -> None:
+                result = torch.empty_like(recorded)
+                function(planes, weights, result.view(n * c, 1))
+                env[i] = result
+
+        return step
 
     def _kernel_step(
         self,
@@ -396,6 +468,8 @@ class Program:
                 if not _kernel_ready(env[source], shape):
                     for fallback in as_written:
                         fallback(env)
+                    if out is not None:  # later steps may read the arena buffer through fixed views of it
+                        env[i] = out.copy_(env[i])
                     return
             result = torch.empty_like(template) if out is None else out
             if weighted:
@@ -443,6 +517,17 @@ def _kernel_plan(model: GraphModule, node: torch.fx.Node, plan: F.Plan, values: 
 
 # Modules that return their input itself in eval mode, skipped there; exact types (a subclass may override forward)
 _IDENTITIES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+# Ops whose value is a view of their first argument's memory, in its shape: replayed once on an arena buffer
+_VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+_VIEW_METHODS = ("flatten", "view", "reshape", "squeeze", "unsqueeze")
+
+
+def _skippable(module: torch.nn.Module) -> bool:
+    """Whether a module the program skips (an identity, or a global average pool it runs as a kernel) still does
+    what it did when recorded."""
+    if type(module) is torch.nn.AdaptiveAvgPool2d:
+        return _global(module.output_size)
+    return type(module) is torch.nn.Identity or not module.training
 
 
 def _identity(model: GraphModule, node: torch.fx.Node) -> bool:
@@ -452,12 +537,99 @@ def _identity(model: GraphModule, node: torch.fx.Node) -> bool:
     if node.op != "call_module" or node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
         return False
     module = model.get_submodule(node.target)
-    return type(module) in _IDENTITIES and (type(module) is torch.nn.Identity or not module.training)
+    return type(module) in _IDENTITIES and _skippable(module)
+
+
+def _is_view(node: torch.fx.Node, values: dict) -> bool:
+    """Whether ``node`` (a flatten, reshape, ... of one node) gave a contiguous view of its input's memory."""
+    if not (
+        (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+    ):
+        return False
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or node.all_input_nodes != [node.args[0]]:
+        return False
+    value, source = values.get(node), values.get(node.args[0])
+    return (
+        type(value) is torch.Tensor
+        and type(source) is torch.Tensor
+        and value.is_contiguous()
+        and source.is_contiguous()
+        and value.data_ptr() == source.data_ptr()
+        and value.numel() == source.numel()
+    )
+
+
+def _view_of(node: torch.fx.Node, source: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+    """``node``'s op replayed on ``source`` (an arena buffer's view): the view every run gives."""
+    args, kwargs = node.args[1:], node.kwargs
+    if node.op == "call_function":
+        view = node.target(source, *args, **kwargs)
+    else:
+        view = getattr(source, node.target)(*args, **kwargs)
+    if view.shape != recorded.shape or view.data_ptr() != source.data_ptr() or not view.is_contiguous():
+        raise _NotRecordable
+    return view
+
+
+def _global(output_size: object) -> bool:
+    return output_size == 1 or (isinstance(output_size, (tuple, list)) and tuple(output_size) == (1, 1))
+
+
+def _pool_plan(model: GraphModule, node: torch.fx.Node, values: dict, kernels: dict) -> F.Plan | None:
+    """The plan of a linear kernel computing ``node``, a global average pool of a kernel step's output (a
+    ``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3))``), else None.
+
+    The mean of each plane is a dot product with a vector of ``1 / (H * W)``: the (N * C, H * W) view of the
+    input times its (1, H * W) transpose.  A torch op there is slow, the kernel is not: right after the large
+    conv before it, torch's pool took 130-200 us against 7 us in a loop of its own (its code had been evicted
+    from the caches), the kernel step a few.
+    """
+    if not node.args or node.args[0] not in kernels or node.all_input_nodes != [node.args[0]]:
+        return None
+    args, kwargs = node.args[1:], dict(node.kwargs)
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if type(module) is not torch.nn.AdaptiveAvgPool2d or not _skippable(module) or args or kwargs:
+            return None
+    elif node.op == "call_function" and node.target is torch.nn.functional.adaptive_avg_pool2d:
+        size = kwargs.pop("output_size", args[0] if args else None)
+        if not _global(size) or kwargs or len(args) > 1:
+            return None
+    elif node.op == "call_method" and node.target == "mean":
+        dims = kwargs.pop("dim", args[0] if args else None)
+        keepdim = kwargs.pop("keepdim", args[1] if len(args) > 1 else False)
+        if not isinstance(dims, (tuple, list)) or any(type(d) is not int for d in dims) or type(keepdim) is not bool:
+            return None
+        if sorted(d % 4 for d in dims) != [2, 3] or kwargs or len(args) > 2:
+            return None
+    else:
+        return None
+    source, value = values.get(node.args[0]), values.get(node)
+    if type(source) is not torch.Tensor or type(value) is not torch.Tensor or source.dim() != 4:
+        return None
+    n, c, h, w = source.shape
+    if value.numel() != n * c or source.device.type != "cpu" or not source.is_floating_point():
+        return None
+    planes = torch.empty(n * c, h * w, dtype=source.dtype)
+    try:
+        target = kernels[node.args[0]].kernel.spec.target
+        plan = F.linear_plan(planes, torch.empty(1, h * w, dtype=source.dtype), None, target)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return plan if plan.kernel is not None and plan.in_view is None and plan.out_view is None else None
 
 
 def _alias_step(i: int, source: int) -> Callable[[list], None]:
     def step(env: list) -> None:
         env[i] = env[source]
+
+    return step
+
+
+def _constant_step(i: int, value: torch.Tensor) -> Callable[[list], None]:
+    def step(env: list) -> None:
+        env[i] = value
 
     return step
 
