@@ -247,7 +247,7 @@ def test_skipped_steps_come_back_when_needed() -> None:
         # the residual's conv fetched by no step, the eval-mode dropout an alias of its input
         fetched = [n for n in converted.graph.nodes if n.op == "get_attr"]
         assert fetched and len(program.steps) == len(list(converted.graph.nodes)) - 2 - len(fetched)
-        assert [path for path, _ in program.skipped_modules] == ["drop"]
+        assert [path for path, *_ in program.skipped_modules] == ["drop"]
         for _ in range(4):  # the block's input misaligned on every other call: its layers call their modules
             assert_close_scaled(converted(x), want)
         assert executor.programs(converted) == [program]
@@ -348,3 +348,33 @@ def test_arena_buffers_outlive_their_views() -> None:
         for _ in range(3):
             assert_close_scaled(converted(x), model(x))
         assert program_of(converted, x).kernel_calls == 6
+
+
+def test_a_pool_to_the_inputs_own_size_is_skipped() -> None:
+    """VGG's adaptive pool to 7x7 of 7x7 features: each bin one element, the input's values; skipped until its
+    output size changes."""
+
+    class Vgg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
+            self.classifier = nn.Sequential(nn.Linear(8 * 16, 10), nn.ReLU(), nn.Dropout(), nn.Linear(10, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    torch.manual_seed(12)
+    model = Vgg().eval()
+    converted = tl.convert(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_scaled(converted(x), model(x))
+        program = program_of(converted, x)
+        assert program.kernel_calls == 4
+        assert [path for path, *_ in program.skipped_modules] == ["avgpool", "classifier.2"]
+        converted.avgpool.output_size = model.avgpool.output_size = (2, 8)  # pools now: 8 x 2 x 8 = 128 features
+        assert program.obstacle(converted) == "changed"
+        assert_close_scaled(converted(x), model(x))
+        assert_close_scaled(converted(x), model(x))

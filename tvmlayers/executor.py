@@ -20,9 +20,10 @@ the graph, and later calls with that signature run the program:
 - a global average pool (``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``) of an
   arena buffer becomes a kernel step too: a linear kernel's dot products of each plane with ``1 / (H * W)``;
 - a kernel step's output that only kernel steps read, directly or through views (flatten, reshape, view, squeeze,
-  unsqueeze) and skipped identities, goes to an *arena* buffer, reused by liveness (a buffer is held until the
-  last reader of any view of it ran); such views are made once, on the buffer; every other value is allocated per
-  call, so what the caller gets (or a torch op keeps) is never overwritten later.
+  unsqueeze), skipped identities and adaptive average pools to its own size (VGG's), goes to an *arena* buffer,
+  reused by liveness (a buffer is held until the last reader of any view of it ran); such views are made once, on
+  the buffer; every other value is allocated per call, so what the caller gets (or a torch op keeps) is never
+  overwritten later.
 
 Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
 and records anew: every kernel step's module still at its path with the same weight and bias objects, every
@@ -228,9 +229,9 @@ class Program:
         self.steps: list[Callable[[list], None]] = []
         # (path, module, weight, bias) of every kernel step, checked before each run
         self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
-        # (path, module) of every torch module the program does not call: eval-mode identities (``_IDENTITIES``) and
-        # global average pools run as kernels; checked before each run to still do what it recorded
-        self.skipped_modules: list[tuple[str, torch.nn.Module]] = []
+        # (path, module, state) of every torch module the program does not call: eval-mode identities
+        # (``_IDENTITIES``), average pools run as kernels or skipped; checked before each run to be in that state
+        self.skipped_modules: list[tuple[str, torch.nn.Module, tuple]] = []
         self.arena: list[torch.Tensor] = []
         self.kernel_calls = 0  # steps calling a kernel: the layers' and the global average pools'
         self.changes = (_base.module_changes, layouts.data_assignments)
@@ -266,9 +267,9 @@ class Program:
             ):
                 return "changed"
             hooks = hooks or has_forward_hooks(module)
-        for path, module in self.skipped_modules:
+        for path, module, state in self.skipped_modules:
             try:
-                if _resolve(model, path) is not module or not _skippable(module):
+                if _resolve(model, path) is not module or _module_state(module) != state:
                     return "changed"
             except KeyError:
                 return "changed"
@@ -306,8 +307,11 @@ class Program:
         values = recorder.env
         kernels = {node: plan for node, plan in recorder.plans.items() if _kernel_plan(model, node, plan, values)}
         pools = {node: plan for node in nodes if (plan := _pool_plan(model, node, values, kernels)) is not None}
-        # nodes whose value is their input's memory: eval-mode identities and views (flatten, reshape, ...)
-        passes = {node for node in nodes if _identity(model, node) or _is_view(node, values)}
+        # nodes whose value is their input's memory (eval-mode identities, views: flatten, reshape, ...) or its
+        # values (an adaptive average pool to the input's own size: every bin one element)
+        identities = {node for node in nodes if _identity(model, node)}
+        same_size_pools = {node for node in nodes if node not in pools and _same_size_pool(model, node, values)}
+        passes = identities | same_size_pools | {node for node in nodes if _is_view(node, values)}
 
         # an output read only by kernel steps (directly, or through views of it) may live in the arena (the output
         # node's arguments never do); a global average pool runs as a kernel where its input does
@@ -359,14 +363,16 @@ class Program:
                 self.kernel_calls += 1
             elif node in unfetched:
                 pass
-            elif node in passes and node.op == "call_module":
-                self.skipped_modules.append((node.target, model.get_submodule(node.target)))
-                self.steps.append(_alias_step(index[node], index[node.args[0]]))
-                if node.args[0] in views:
-                    views[node] = views[node.args[0]]
-            elif node in passes and node.args[0] in views:
-                views[node] = _view_of(node, views[node.args[0]], values[node])
-                self.steps.append(_constant_step(index[node], views[node]))
+            elif node in passes and (node in identities or node.args[0] in views):
+                if node.op == "call_module":
+                    module = model.get_submodule(node.target)
+                    self.skipped_modules.append((node.target, module, _module_state(module)))
+                if node.args[0] not in views:  # an identity of a value of the call's own
+                    self.steps.append(_alias_step(index[node], index[node.args[0]]))
+                else:
+                    source = views[node.args[0]]
+                    views[node] = source if node in identities or node in same_size_pools else _view_of(node, source)
+                    self.steps.append(_constant_step(index[node], views[node]))
             else:
                 self.steps.append(_generic_step(node, index))
             # a buffer whose last reader ran is free for the nodes after it (never for this node's own output:
@@ -404,7 +410,8 @@ class Program:
         """The step of a global average pool (``_pool_plan``) on ``source`` (an arena buffer's view), into ``out`` (an
         arena view) or a new tensor where it is None."""
         if node.op == "call_module":
-            self.skipped_modules.append((node.target, model.get_submodule(node.target)))
+            module = model.get_submodule(node.target)
+            self.skipped_modules.append((node.target, module, _module_state(module)))
         n, c, h, w = source.shape
         planes = source.view(n * c, h * w)
         weights = layouts.block_out_channels(
@@ -522,12 +529,9 @@ _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 _VIEW_METHODS = ("flatten", "view", "reshape", "squeeze", "unsqueeze")
 
 
-def _skippable(module: torch.nn.Module) -> bool:
-    """Whether a module the program skips (an identity, or a global average pool it runs as a kernel) still does
-    what it did when recorded."""
-    if type(module) is torch.nn.AdaptiveAvgPool2d:
-        return _global(module.output_size)
-    return type(module) is torch.nn.Identity or not module.training
+def _module_state(module: torch.nn.Module) -> tuple:
+    """What a module the program skips did depends on: its mode and, for a pool, its output size."""
+    return module.training, getattr(module, "output_size", None)
 
 
 def _identity(model: GraphModule, node: torch.fx.Node) -> bool:
@@ -537,7 +541,33 @@ def _identity(model: GraphModule, node: torch.fx.Node) -> bool:
     if node.op != "call_module" or node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
         return False
     module = model.get_submodule(node.target)
-    return type(module) in _IDENTITIES and _skippable(module)
+    return type(module) in _IDENTITIES and (type(module) is torch.nn.Identity or not module.training)
+
+
+def _pool_size(model: GraphModule, node: torch.fx.Node) -> object:
+    """The output size ``node`` pools its one node's value to, if it is an adaptive average pool; else None."""
+    if node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        module = model.get_submodule(node.target)
+        return module.output_size if type(module) is torch.nn.AdaptiveAvgPool2d else None
+    if node.op == "call_function" and node.target is torch.nn.functional.adaptive_avg_pool2d:
+        size = dict(node.kwargs).get("output_size", node.args[1] if len(node.args) == 2 else None)
+        return None if isinstance(size, torch.fx.Node) or set(node.kwargs) - {"output_size"} else size
+    return None
+
+
+def _same_size_pool(model: GraphModule, node: torch.fx.Node, values: dict) -> bool:
+    """Whether ``node`` average-pooled its input to the input's own size (VGG's 7x7 pool of 224x224 images'
+    7x7 features): each output is the one element of its bin, exactly the input's value."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or _pool_size(model, node) is None:
+        return False
+    value, source = values.get(node), values.get(node.args[0])
+    return (
+        type(value) is torch.Tensor
+        and type(source) is torch.Tensor
+        and source.dim() == 4
+        and value.shape == source.shape
+        and value.dtype == source.dtype
+    )
 
 
 def _is_view(node: torch.fx.Node, values: dict) -> bool:
@@ -560,14 +590,14 @@ def _is_view(node: torch.fx.Node, values: dict) -> bool:
     )
 
 
-def _view_of(node: torch.fx.Node, source: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+def _view_of(node: torch.fx.Node, source: torch.Tensor) -> torch.Tensor:
     """``node``'s op replayed on ``source`` (an arena buffer's view): the view every run gives."""
     args, kwargs = node.args[1:], node.kwargs
     if node.op == "call_function":
         view = node.target(source, *args, **kwargs)
     else:
         view = getattr(source, node.target)(*args, **kwargs)
-    if view.shape != recorded.shape or view.data_ptr() != source.data_ptr() or not view.is_contiguous():
+    if view.data_ptr() != source.data_ptr() or not view.is_contiguous():
         raise _NotRecordable
     return view
 
@@ -587,23 +617,15 @@ def _pool_plan(model: GraphModule, node: torch.fx.Node, values: dict, kernels: d
     """
     if not node.args or node.args[0] not in kernels or node.all_input_nodes != [node.args[0]]:
         return None
-    args, kwargs = node.args[1:], dict(node.kwargs)
-    if node.op == "call_module":
-        module = model.get_submodule(node.target)
-        if type(module) is not torch.nn.AdaptiveAvgPool2d or not _skippable(module) or args or kwargs:
-            return None
-    elif node.op == "call_function" and node.target is torch.nn.functional.adaptive_avg_pool2d:
-        size = kwargs.pop("output_size", args[0] if args else None)
-        if not _global(size) or kwargs or len(args) > 1:
-            return None
-    elif node.op == "call_method" and node.target == "mean":
+    if node.op == "call_method" and node.target == "mean":
+        args, kwargs = node.args[1:], dict(node.kwargs)
         dims = kwargs.pop("dim", args[0] if args else None)
         keepdim = kwargs.pop("keepdim", args[1] if len(args) > 1 else False)
         if not isinstance(dims, (tuple, list)) or any(type(d) is not int for d in dims) or type(keepdim) is not bool:
             return None
         if sorted(d % 4 for d in dims) != [2, 3] or kwargs or len(args) > 2:
             return None
-    else:
+    elif not _global(_pool_size(model, node)):
         return None
     source, value = values.get(node.args[0]), values.get(node)
     if type(source) is not torch.Tensor or type(value) is not torch.Tensor or source.dim() != 4:
