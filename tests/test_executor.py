@@ -53,6 +53,16 @@ def assert_outputs(actual: tuple, expected: tuple) -> None:
         assert_close_scaled(got, want)
 
 
+def converted_thrice(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` (in eval mode) converted and called three times without grad (recorded, then its program twice),
+    each time against torch."""
+    converted = tl.convert(model.eval())
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_scaled(converted(x), model(x))
+    return converted
+
+
 def test_program_runs_kernels_into_reused_buffers_with_torchs_numbers() -> None:
     model, converted = make_net()
     x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
@@ -284,12 +294,9 @@ class PoolHead(nn.Module):
 @pytest.mark.parametrize("spelling", ["module", "function", "mean"])
 def test_global_average_pools_run_as_kernels(spelling: str) -> None:
     torch.manual_seed(9)
-    model = PoolHead(spelling).eval()
-    converted = tl.convert(model)
-    x = torch.randn(2, 3, 9, 7)
+    model, x = PoolHead(spelling), torch.randn(2, 3, 9, 7)
+    converted = converted_thrice(model, x)
     with torch.no_grad():
-        for _ in range(3):
-            assert_close_scaled(converted(x), model(x))
         program = program_of(converted, x)
         # conv, pool and head call kernels; flatten is a fixed view of the pool's arena buffer, the dropout its alias
         assert program.kernel_calls == 3 and len(program.steps) == (3 if spelling == "mean" else 4) + 1
@@ -341,13 +348,8 @@ def test_arena_buffers_outlive_their_views() -> None:
             return self.head1(first) - self.head2(second)
 
     torch.manual_seed(11)
-    model = TwoPools().eval()
-    converted = tl.convert(model)
     x = torch.randn(1, 3, 12, 12)
-    with torch.no_grad():
-        for _ in range(3):
-            assert_close_scaled(converted(x), model(x))
-        assert program_of(converted, x).kernel_calls == 6
+    assert program_of(converted_thrice(TwoPools(), x), x).kernel_calls == 6
 
 
 def test_a_pool_to_the_inputs_own_size_is_skipped() -> None:
@@ -365,12 +367,9 @@ def test_a_pool_to_the_inputs_own_size_is_skipped() -> None:
             return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
     torch.manual_seed(12)
-    model = Vgg().eval()
-    converted = tl.convert(model)
-    x = torch.randn(2, 3, 8, 8)
+    model, x = Vgg(), torch.randn(2, 3, 8, 8)
+    converted = converted_thrice(model, x)
     with torch.no_grad():
-        for _ in range(3):
-            assert_close_scaled(converted(x), model(x))
         program = program_of(converted, x)
         assert program.kernel_calls == 4
         assert [path for path, *_ in program.skipped_modules] == ["avgpool", "classifier.2"]
