@@ -12,7 +12,7 @@ from tvm.s_tir import Schedule
 
 from tvmlayers.spec import KernelSpec
 
-from .cpu import CpuConfig, CpuFamily, cpu_config, is_simd_cpu
+from .cpu import CpuFamily, cpu_config, is_simd_cpu
 from .generic import GenericFamily
 from .gpu import GpuFamily, is_cuda
 from .rule import RuleFamily, ScheduleRule
@@ -54,25 +54,17 @@ def _padded_block(channels: int, lanes: int, fma_lanes: int) -> int:
     return min(blocks, key=lambda b: (-(-channels // b) * max(1, b // fma_lanes), -b))
 
 
-def _pointwise_rows(spec: KernelSpec, config: CpuConfig) -> bool:
-    """Whether ``spec`` is an ungrouped stride-1 unpadded float32 1x1 conv that ``config`` runs row-vectorized: of at
-    least ``pointwise_rows_min_pixels`` output pixels, or one that at least doubles few channels
-    (``expanding_pointwise_rows``); and whose output channels tile by 4 or more (the row-vectorized rule's channel
-    tile; other counts get padded blocks)."""
-    if spec["groups"] != 1 or tuple(spec["weight_shape"][2:]) != (1, 1):
+def _pointwise_rows(spec: KernelSpec, min_pixels: int | None) -> bool:
+    """Whether ``spec`` is an ungrouped stride-1 unpadded float32 1x1 conv of at least ``min_pixels`` output pixels
+    whose output channels tile by 4 or more (the row-vectorized rule's channel tile; other counts get padded
+    blocks)."""
+    if min_pixels is None or spec["groups"] != 1 or tuple(spec["weight_shape"][2:]) != (1, 1):
         return False
     if spec.dtype != "float32" or spec["weight_shape"][0] % 4:
         return False
-    if any(spec["padding"]) or spec["padding_mode"] != "zeros" or tuple(spec["stride"]) != (1, 1):
-        return False
+    unpadded = not any(spec["padding"]) and spec["padding_mode"] == "zeros"
     pixels = spec.input_shape[-1] * spec.input_shape[-2]
-    out_channels, in_channels = spec["weight_shape"][:2]
-    if config.pointwise_rows_min_pixels is not None and pixels >= config.pointwise_rows_min_pixels:
-        return True
-    if config.expanding_pointwise_rows is None or out_channels < 2 * in_channels:
-        return False
-    min_pixels, max_in_channels = config.expanding_pointwise_rows
-    return pixels >= min_pixels and in_channels <= max_in_channels
+    return tuple(spec["stride"]) == (1, 1) and unpadded and pixels >= min_pixels
 
 
 def weight_layout(spec: KernelSpec) -> dict:
@@ -91,7 +83,7 @@ def weight_layout(spec: KernelSpec) -> dict:
     if spec.op == "conv2d":
         if in_per_group == 1:  # depthwise: vectorize along the output row instead
             return {"weight_block": 1}
-        if config is not None and _pointwise_rows(spec, config):
+        if config is not None and _pointwise_rows(spec, config.pointwise_rows_min_pixels):
             return {"weight_block": 1}  # row-vectorized (see CpuConfig.pointwise_rows_min_pixels)
         out_channels //= spec["groups"]
     block = _block_size(out_channels, lanes)

@@ -33,13 +33,7 @@ X86_FMA_BITS = {"znver4": 256}
 # 56x56 1.16-1.54, 28x28 0.96-1.18, 14x14 0.90-1.09, 7x7 0.64-0.72.  Not measured elsewhere (Emerald Rapids'
 # shipped MobileNetV2 records were tuned on the blocked layout).
 X86_POINTWISE_ROWS_MIN_PIXELS = {"znver4": 56 * 56}
-# ... and an expanding one (output channels at least twice the input's) with a short reduction (up to the second
-# number of input channels) from the first number of output pixels: the blocked tile's write-back weighs even more
-# against so short a reduction.  Measured likewise (blocked / row-vectorized, two runs): 16->96 at 14x14 2.1x,
-# 32->192 at 28x28 1.23-1.26x, 64->128 1.22x, 64->384 at 14x14 1.09-1.12x; with longer reductions 96->576
-# 1.05-1.07x, 96->384 1.03x, 128->256 1.05x, 128->512 0.97-1.01x, 256->1024 0.93-0.94x; 160->960 at 7x7 0.73x;
-# projections at 28x28 and 14x14 (192->32, 144->32, 384->64) 0.90-0.98x.
-X86_EXPANDING_POINTWISE_ROWS = {"znver4": (14 * 14, 64)}
+
 
 @dataclass(frozen=True)
 class CpuConfig:
@@ -66,9 +60,6 @@ class CpuConfig:
     # From how many output pixels a stride-1 1x1 conv runs row-vectorized (``X86_POINTWISE_ROWS_MIN_PIXELS``);
     # None: never.
     pointwise_rows_min_pixels: int | None = None
-    # ... and (min output pixels, max input channels) of one that at least doubles the channels
-    # (``X86_EXPANDING_POINTWISE_ROWS``); None: never.
-    expanding_pointwise_rows: tuple[int, int] | None = None
 
     def vector_lanes(self, dtype: str) -> int:
         """Elements of ``dtype`` in one SIMD register; 1 where the SIMD unit does not compute ``dtype``."""
@@ -124,7 +115,6 @@ def _x86_config(target: tvm.target.Target) -> CpuConfig:
         X86_L2_BYTES,
         fma_bits=X86_FMA_BITS.get(cpu),
         pointwise_rows_min_pixels=X86_POINTWISE_ROWS_MIN_PIXELS.get(cpu),
-        expanding_pointwise_rows=X86_EXPANDING_POINTWISE_ROWS.get(cpu),
     )
 
 
