@@ -377,3 +377,25 @@ def test_a_pool_to_the_inputs_own_size_is_skipped() -> None:
         assert program.obstacle(converted) == "changed"
         assert_close_scaled(converted(x), model(x))
         assert_close_scaled(converted(x), model(x))
+
+
+def test_a_model_returning_a_dict_records_a_program() -> None:
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            features = self.conv(x)
+            return {"features": features, "means": features.mean((2, 3))}
+
+    torch.manual_seed(13)
+    model, x = Named().eval(), torch.randn(1, 3, 9, 9)
+    converted = tl.convert(model)
+    with torch.no_grad():
+        for _ in range(3):
+            got, want = converted(x), model(x)
+            assert got.keys() == want.keys()
+            for key in want:
+                assert_close_scaled(got[key], want[key])
+        assert program_of(converted, x).kernel_calls == 1  # the conv's output is returned: the mean is torch's

@@ -615,7 +615,11 @@ def _pool_plan(model: GraphModule, node: torch.fx.Node, values: dict, kernels: d
     conv before it, torch's pool took 130-200 us against 7 us in a loop of its own (its code had been evicted
     from the caches), the kernel step a few.
     """
-    if not node.args or node.args[0] not in kernels or node.all_input_nodes != [node.args[0]]:
+    if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+        return None
+    if not isinstance(node.args[0], torch.fx.Node) or node.args[0] not in kernels:
+        return None
+    if node.all_input_nodes != [node.args[0]]:
         return None
     if node.op == "call_method" and node.target == "mean":
         args, kwargs = node.args[1:], dict(node.kwargs)
