@@ -399,3 +399,36 @@ def test_a_model_returning_a_dict_records_a_program() -> None:
             for key in want:
                 assert_close_scaled(got[key], want[key])
         assert program_of(converted, x).kernel_calls == 1  # the conv's output is returned: the mean is torch's
+
+
+def test_replacements_anywhere_on_a_layers_path_are_seen() -> None:
+    """Assignments deep in the tree (an attribute of a block, an item of a Sequential) and functional_call's swapped
+    parameters record the program anew; a module built elsewhere leaves it alone."""
+    model, converted = make_net(14)
+    x = torch.randn(1, 3, 16, 16)
+    paths = ("block.conv2", "stem.0")
+    # copies with their weights scaled, made before the program is recorded (building modules touches counters of
+    # its own); the torch model's weights get scaled alike when they go in (BatchNorm folding is linear in them)
+    replacements = [copy.deepcopy(converted.get_submodule(path)) for path in paths]
+    with torch.no_grad():
+        for replacement in replacements:
+            replacement.weight.mul_(-1.5)
+        converted(x)
+        (program,) = executor.programs(converted)
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())  # registrations under modules no program relies on
+        assert program.obstacle(converted) is None
+        for path, replacement in zip(paths, replacements, strict=True):
+            parent, name = path.rsplit(".", 1)
+            model.get_submodule(path).weight.mul_(-1.5)
+            if name.isdigit():
+                converted.get_submodule(parent)[int(name)] = replacement
+            else:
+                setattr(converted.get_submodule(parent), name, replacement)
+            assert program.obstacle(converted) == "changed"
+            assert_outputs(converted(x), model(x))
+            assert_outputs(converted(x), model(x))
+            program = executor.programs(converted)[-1]
+        swapped = {name: torch.randn_like(p) for name, p in model.head.named_parameters(prefix="head")}
+        assert_outputs(
+            torch.func.functional_call(converted, swapped, (x,)), torch.func.functional_call(model, swapped, (x,))
+        )

@@ -26,8 +26,9 @@ the graph, and later calls with that signature run the program:
   overwritten later.
 
 Before any step runs, a call checks that nothing the program relied on changed, else it runs the graph's code
-and records anew: every kernel step's module still at its path with the same weight and bias objects, every
-skipped Dropout at its path and in eval mode (a pool run as a kernel at its path and global), no
+and records anew: no submodule assigned to a module on the path to a layer it calls or skips (counted by torch's
+global module registration hook; a ``del`` is not seen), every kernel step's module with the same weight and bias
+objects, every skipped Dropout in eval mode (a pool run as a kernel or skipped with its output size), no
 tvmlayers module's attribute set since (``tvmlayers.nn._base.module_changes``) and no ``.data`` assigned to a
 weight (``tvmlayers.layouts.data_assignments``).  While forward hooks that a kernel step would bypass are
 registered (global ones, the model's, a kernel step's module's), the graph's code runs and the program waits.
@@ -72,6 +73,22 @@ _GLOBAL_HOOKS = (
     "_global_forward_hooks_with_kwargs",
 )
 _tracing_state = torch._C._get_tracing_state  # torch.jit.trace: the graph's code runs, and its layers refuse it
+
+# Submodule assignments (``parent.name = module``, ``add_module``, ``sequential[i] = module``) to a module that some
+# program passes through to reach a layer it calls or skips, counted by torch's global registration hook: a call
+# compares one number instead of walking every layer's path (which, cold right after a model's kernels, took 150 us
+# of MobileNetV2's 300 us of checks).  A submodule deleted (``del``) is not seen: the program runs on.
+_ancestors: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_registrations = 0
+
+
+def _on_registration(module: torch.nn.Module, name: str, submodule: object) -> None:
+    global _registrations
+    if module in _ancestors:
+        _registrations += 1
+
+
+_torch_module.register_module_module_registration_hook(_on_registration)
 
 
 def install(converted: GraphModule) -> GraphModule:
@@ -231,10 +248,16 @@ class Program:
         self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
         # (path, module, state) of every torch module the program does not call: eval-mode identities
         # (``_IDENTITIES``), average pools run as kernels or skipped; checked before each run to be in that state
+        # (the mode, the output size)
         self.skipped_modules: list[tuple[str, torch.nn.Module, tuple]] = []
         self.arena: list[torch.Tensor] = []
         self.kernel_calls = 0  # steps calling a kernel: the layers' and the global average pools'
-        self.changes = (_base.module_changes, layouts.data_assignments)
+        self.changes = (_base.module_changes, layouts.data_assignments, _registrations)
+        # what each run checks, held directly (a module's attribute lookups cost as much again, cold): the
+        # ``_parameters`` dict, weight and bias of every weighted kernel step's module, and the forward hook dicts
+        # of every module whose call the program replaces
+        self.parameters: list[tuple[dict, object, object]] = []
+        self.hook_dicts: list[dict] = []
         self.output: Callable[[list], Any] = lambda env: None
         self.placeholders: list[int] = []
         self.size = 0
@@ -252,29 +275,17 @@ class Program:
     def obstacle(self, model: GraphModule) -> str | None:
         """Why the program cannot run now: "hooks" (forward hooks it would bypass: the graph's code runs, and the
         program waits for them to go), "changed" (something it relied on changed: record anew), else None."""
-        if (_base.module_changes, layouts.data_assignments) != self.changes:
+        if (_base.module_changes, layouts.data_assignments, _registrations) != self.changes:
             return "changed"
-        hooks = any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
-        hooks = hooks or has_forward_hooks(model)
-        for path, module, weight, bias in self.kernel_modules:
-            try:
-                if _resolve(model, path) is not module:
-                    return "changed"
-            except KeyError:
+        for parameters, weight, bias in self.parameters:
+            if parameters.get("weight") is not weight or parameters.get("bias") is not bias:
                 return "changed"
-            if weight is not None and (
-                module._parameters.get("weight") is not weight or module._parameters.get("bias") is not bias
-            ):
+        for _, module, state in self.skipped_modules:
+            if _module_state(module) != state:
                 return "changed"
-            hooks = hooks or has_forward_hooks(module)
-        for path, module, state in self.skipped_modules:
-            try:
-                if _resolve(model, path) is not module or _module_state(module) != state:
-                    return "changed"
-            except KeyError:
-                return "changed"
-            hooks = hooks or has_forward_hooks(module)
-        return "hooks" if hooks else None
+        if any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS) or has_forward_hooks(model):
+            return "hooks"
+        return "hooks" if any(self.hook_dicts) else None
 
     def run(self, model: GraphModule, args: tuple) -> Any:
         env: list[Any] = [None] * self.size
@@ -365,8 +376,7 @@ class Program:
                 pass
             elif node in passes and (node in identities or node.args[0] in views):
                 if node.op == "call_module":
-                    module = model.get_submodule(node.target)
-                    self.skipped_modules.append((node.target, module, _module_state(module)))
+                    self._skip(model, node.target)
                 if node.args[0] not in views:  # an identity of a value of the call's own
                     self.steps.append(_alias_step(index[node], index[node.args[0]]))
                 else:
@@ -382,6 +392,21 @@ class Program:
                     free.append(buffers[done])
         if placeholders != arguments:
             raise _NotRecordable
+
+    def _rely_on(self, model: GraphModule, path: str, module: torch.nn.Module) -> None:
+        """Watch what the program assumes of the module at ``path``: that it stays there (its ancestors' submodule
+        assignments are counted) and has no forward hooks."""
+        parent = model
+        for part in path.split("."):
+            _ancestors.add(parent)
+            parent = parent._modules[part]
+        self.hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
+
+    def _skip(self, model: GraphModule, path: str) -> None:
+        """Note that the program does not call the torch module at ``path`` (an identity, a pool it replaces)."""
+        module = model.get_submodule(path)
+        self.skipped_modules.append((path, module, _module_state(module)))
+        self._rely_on(model, path, module)
 
     def _arena_buffer(self, template: torch.Tensor, free: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, view): the smallest free arena buffer large enough, or a new one, and its view in ``template``'s
@@ -410,8 +435,7 @@ class Program:
         """The step of a global average pool (``_pool_plan``) on ``source`` (an arena buffer's view), into ``out`` (an
         arena view) or a new tensor where it is None."""
         if node.op == "call_module":
-            module = model.get_submodule(node.target)
-            self.skipped_modules.append((node.target, module, _module_state(module)))
+            self._skip(model, node.target)
         n, c, h, w = source.shape
         planes = source.view(n * c, h * w)
         weights = layouts.block_out_channels(
@@ -451,6 +475,9 @@ class Program:
         weight = module._parameters.get("weight") if weighted else None
         bias = module._parameters.get("bias") if weighted else None
         self.kernel_modules.append((_path(node), module, weight, bias))
+        self._rely_on(model, _path(node), module)
+        if weighted:
+            self.parameters.append((module._parameters, weight, bias))
         data = _data_args(node)
         sources = [index[arg] for arg in data]
         input_shapes = (tuple(plan.kernel.spec.input_shape), tuple(plan.out_templates[0].shape))
