@@ -312,14 +312,23 @@ def test_global_average_pools_run_as_kernels(spelling: str) -> None:
             assert_close_scaled(converted(x), model(x))
 
 
-def test_a_pool_of_a_returned_value_stays_torchs() -> None:
-    """The conv's output is also returned: it is the caller's, not an arena buffer, and the pool runs as written."""
+def test_a_pool_of_a_returned_value_stays_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conv's output is also returned: it is the caller's, not an arena buffer, and the pool runs as written
+    (no linear kernel is built for it)."""
 
     class Both(PoolHead):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.conv(x)
             return self.head(torch.flatten(self.pool(features), 1)), features
 
+    planned = []
+    linear_plan = tl.functional.linear_plan
+
+    def noted(input: torch.Tensor, *rest: object) -> object:
+        planned.append(tuple(input.shape))
+        return linear_plan(input, *rest)
+
+    monkeypatch.setattr(tl.functional, "linear_plan", noted)
     torch.manual_seed(10)
     model = Both("module").eval()
     converted = tl.convert(model)
@@ -330,6 +339,7 @@ def test_a_pool_of_a_returned_value_stays_torchs() -> None:
         assert_outputs(second, model(x))
         assert program_of(converted, x).kernel_calls == 2
     assert first[1].data_ptr() != second[1].data_ptr()
+    assert planned and (16, 8 * 8) not in planned  # the head's plans, none for the pool's 16 planes of 8x8
 
 
 def test_arena_buffers_outlive_their_views() -> None:

@@ -244,8 +244,8 @@ class Program:
 
     def __init__(self) -> None:
         self.steps: list[Callable[[list], None]] = []
-        # (path, module, weight, bias) of every kernel step, checked before each run
-        self.kernel_modules: list[tuple[str, torch.nn.Module, object, object]] = []
+        # (path, module) of every kernel step's layer, in call order
+        self.kernel_modules: list[tuple[str, torch.nn.Module]] = []
         # (path, module, state) of every torch module the program does not call: eval-mode identities
         # (``_IDENTITIES``), average pools run as kernels or skipped; checked before each run to be in that state
         # (the mode, the output size)
@@ -317,7 +317,7 @@ class Program:
         self.size = len(nodes) + 1  # the model in the last slot
         values = recorder.env
         kernels = {node: plan for node, plan in recorder.plans.items() if _kernel_plan(model, node, plan, values)}
-        pools = {node: plan for node in nodes if (plan := _pool_plan(model, node, values, kernels)) is not None}
+        pools = {node for node in nodes if _global_pool(model, node, values, kernels)}
         # nodes whose value is their input's memory (eval-mode identities, views: flatten, reshape, ...) or its
         # values (an adaptive average pool to the input's own size: every bin one element)
         identities = {node for node in nodes if _identity(model, node)}
@@ -333,7 +333,8 @@ class Program:
             )
 
         in_arena = {node for node in kernels if read_by_kernels_only(node)}
-        pools = {node: plan for node, plan in pools.items() if node.args[0] in in_arena}
+        # the kernels of the pools that run as kernels: those of arena buffers (built now, not for the others)
+        pools = {node: _pool_plan(node, values, kernels) for node in pools if node.args[0] in in_arena}
         in_arena |= {node for node in pools if read_by_kernels_only(node)}
         # a module fetched only for kernel steps (the fused residual's conv) is fetched by none: they hold it
         unfetched = {node for node in nodes if node.op == "get_attr" and read_by_kernels_only(node)}
@@ -474,7 +475,7 @@ class Program:
         weighted = isinstance(module, _WEIGHTED)
         weight = module._parameters.get("weight") if weighted else None
         bias = module._parameters.get("bias") if weighted else None
-        self.kernel_modules.append((_path(node), module, weight, bias))
+        self.kernel_modules.append((_path(node), module))
         self._rely_on(model, _path(node), module)
         if weighted:
             self.parameters.append((module._parameters, weight, bias))
@@ -633,44 +634,51 @@ def _global(output_size: object) -> bool:
     return output_size == 1 or (isinstance(output_size, (tuple, list)) and tuple(output_size) == (1, 1))
 
 
-def _pool_plan(model: GraphModule, node: torch.fx.Node, values: dict, kernels: dict) -> F.Plan | None:
-    """The plan of a linear kernel computing ``node``, a global average pool of a kernel step's output (a
-    ``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3))``), else None.
-
-    The mean of each plane is a dot product with a vector of ``1 / (H * W)``: the (N * C, H * W) view of the
-    input times its (1, H * W) transpose.  A torch op there is slow, the kernel is not: right after the large
-    conv before it, torch's pool took 130-200 us against 7 us in a loop of its own (its code had been evicted
-    from the caches), the kernel step a few.
-    """
+def _global_pool(model: GraphModule, node: torch.fx.Node, values: dict, kernels: dict) -> bool:
+    """Whether ``node`` is a global average pool of a kernel step's output (a ``nn.AdaptiveAvgPool2d(1)``,
+    ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3))``) of a 4-D floating-point CPU tensor, which a linear
+    kernel can compute (``_pool_plan``)."""
     if node.op not in ("call_module", "call_function", "call_method") or not node.args:
-        return None
+        return False
     if not isinstance(node.args[0], torch.fx.Node) or node.args[0] not in kernels:
-        return None
+        return False
     if node.all_input_nodes != [node.args[0]]:
-        return None
+        return False
     if node.op == "call_method" and node.target == "mean":
         args, kwargs = node.args[1:], dict(node.kwargs)
         dims = kwargs.pop("dim", args[0] if args else None)
         keepdim = kwargs.pop("keepdim", args[1] if len(args) > 1 else False)
         if not isinstance(dims, (tuple, list)) or any(type(d) is not int for d in dims) or type(keepdim) is not bool:
-            return None
+            return False
         if sorted(d % 4 for d in dims) != [2, 3] or kwargs or len(args) > 2:
-            return None
+            return False
     elif not _global(_pool_size(model, node)):
-        return None
+        return False
     source, value = values.get(node.args[0]), values.get(node)
     if type(source) is not torch.Tensor or type(value) is not torch.Tensor or source.dim() != 4:
-        return None
+        return False
+    n, c = source.shape[:2]
+    return value.numel() == n * c and source.device.type == "cpu" and source.is_floating_point()
+
+
+def _pool_plan(node: torch.fx.Node, values: dict, kernels: dict) -> F.Plan:
+    """The plan of the linear kernel computing ``node``, a ``_global_pool``, on the target of the kernel before it.
+
+    The mean of each plane is a dot product with a vector of ``1 / (H * W)``: the (N * C, H * W) view of the
+    input times its (1, H * W) transpose.  A torch op there is slow, the kernel is not: right after the large
+    conv before it, torch's pool took 130-200 us against 7 us in a loop of its own (its code had been evicted
+    from the caches), the kernel step a few.  Where no such kernel is there to run, the graph's code runs.
+    """
+    source = values[node.args[0]]
     n, c, h, w = source.shape
-    if value.numel() != n * c or source.device.type != "cpu" or not source.is_floating_point():
-        return None
-    planes = torch.empty(n * c, h * w, dtype=source.dtype)
+    planes, weights = torch.empty(n * c, h * w, dtype=source.dtype), torch.empty(1, h * w, dtype=source.dtype)
     try:
-        target = kernels[node.args[0]].kernel.spec.target
-        plan = F.linear_plan(planes, torch.empty(1, h * w, dtype=source.dtype), None, target)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return plan if plan.kernel is not None and plan.in_view is None and plan.out_view is None else None
+        plan = F.linear_plan(planes, weights, None, kernels[node.args[0]].kernel.spec.target)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise _NotRecordable from err
+    if plan.kernel is None or plan.in_view is not None or plan.out_view is not None:
+        raise _NotRecordable
+    return plan
 
 
 def _alias_step(i: int, source: int) -> Callable[[list], None]:
