@@ -60,6 +60,8 @@ def _pointwise_rows(spec: KernelSpec, min_pixels: int | None) -> bool:
     blocks)."""
     if min_pixels is None or spec["groups"] != 1 or tuple(spec["weight_shape"][2:]) != (1, 1):
         return False
+    if spec.get("in_block") is not None:  # rows of a channel-blocked input are not contiguous
+        return False
     if spec.dtype != "float32" or spec["weight_shape"][0] % 4:
         return False
     unpadded = not any(spec["padding"]) and spec["padding_mode"] == "zeros"
@@ -72,6 +74,8 @@ def weight_layout(spec: KernelSpec) -> dict:
     block that does not divide the output channels pads the last block with zeros (ungrouped convs)."""
     if spec.op not in ("conv2d", "linear"):
         return {}
+    if spec.get("out_block") is not None:  # a channel-blocked output is written in the weight's blocks
+        return {"weight_block": spec["out_block"]}
     if is_cuda(spec.target):
         # the GPU rules stage weights through shared memory, which a cooperative fetch fills with coalesced
         # reads of torch's layout: blocks would only add a copy of the weights

@@ -172,6 +172,35 @@ def conv2d_spec(
     return spec, out_shape
 
 
+# A conv2d spec may take its input and give its output (and residual) channel-blocked, NCHW[x]c
+# (``tvmlayers.ops.conv2d``): these parameters name the blocks; absent, the activation is torch's NCHW.
+CHANNEL_BLOCKS = ("in_block", "out_block")
+
+
+def conv2d_blocked_spec(spec: KernelSpec, in_block: int | None, out_block: int | None) -> KernelSpec:
+    """``spec`` (a batched conv2d's, NCHW) with its input in blocks of ``in_block`` channels and its output and
+    residual in blocks of ``out_block`` (None: NCHW); each block must divide its channel count."""
+    if spec.op != "conv2d" or any(spec.get(name) is not None for name in CHANNEL_BLOCKS):
+        raise ValueError(f"channel blocks apply to an NCHW conv2d spec, not to {spec.describe()}")
+    out_channels = spec["weight_shape"][0]
+    blocks = {}
+    for name, block, channels in (("in_block", in_block, spec.input_shape[1]), ("out_block", out_block, out_channels)):
+        if block is None:
+            continue
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0 or channels % block:
+            raise ValueError(f"{name} must be a positive integer dividing the {channels} channels, got {block!r}")
+        blocks[name] = block
+    return KernelSpec.make("conv2d", spec.input_shape, spec.dtype, spec.target, **dict(spec.params), **blocks)
+
+
+def unblocked_spec(spec: KernelSpec) -> KernelSpec:
+    """``spec`` without channel blocks: the NCHW call whose torch semantics it has."""
+    if all(spec.get(name) is None for name in CHANNEL_BLOCKS):
+        return spec
+    params = {name: value for name, value in spec.params if name not in CHANNEL_BLOCKS}
+    return KernelSpec.make(spec.op, spec.input_shape, spec.dtype, spec.target, **params)
+
+
 def max_pool2d_spec(
     in_shape: Shape,
     dtype: str,
@@ -263,7 +292,7 @@ def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[K
 
 # The parameters of each op in a workload file (KernelSpec's, normalized as conv2d_spec etc. write them);
 # "relu" and "relu6" (fused activations, at most one) are optional and false by default, and so is conv2d's
-# "residual" (an added output-shaped input).
+# "residual" (an added output-shaped input); conv2d's ``CHANNEL_BLOCKS`` are optional integers.
 WORKLOAD_PARAMS = {
     "conv2d": ("weight_shape", "stride", "padding", "dilation", "groups", "padding_mode", "bias"),
     "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
@@ -302,7 +331,7 @@ def workload_spec(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     fusable = ACTIVATIONS if op in _FUSABLE else ()
-    allowed = WORKLOAD_PARAMS[op] + fusable + (("residual",) if op == "conv2d" else ())
+    allowed = WORKLOAD_PARAMS[op] + fusable + (("residual", *CHANNEL_BLOCKS) if op == "conv2d" else ())
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {op}; expected {', '.join(allowed)}")
@@ -336,6 +365,8 @@ def workload_spec(
         spec, out_shape = conv2d_spec(*args, padding_is_normalized=True, relu6=relu6)
         if _flag("residual", params.get("residual", False)):  # a flag in the file: the residual has the output's shape
             spec, _ = conv2d_spec(*args, padding_is_normalized=True, residual=out_shape, relu6=relu6)
+        if any(name in params for name in CHANNEL_BLOCKS):
+            spec = conv2d_blocked_spec(spec, params.get("in_block"), params.get("out_block"))
     elif op == "max_pool2d":
         spec, _ = max_pool2d_spec(
             shape,

@@ -96,6 +96,21 @@ def block_out_channels(weight: torch.Tensor, block: int) -> torch.Tensor:
     return blocked.movedim(1, -1).contiguous()
 
 
+def block_channels(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C / block, H, W, block): an NCHW activation channel-blocked (NCHW[block]c), as a
+    conv2d kernel with ``in_block``/``out_block`` takes it; ``x`` itself where ``block`` is None."""
+    if block is None:
+        return x
+    n, c, h, w = x.shape
+    return x.reshape(n, c // block, block, h, w).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def unblock_channels(x: torch.Tensor) -> torch.Tensor:
+    """(N, C / block, H, W, block) -> (N, C, H, W): a channel-blocked activation back in torch's layout."""
+    n, blocks, h, w, block = x.shape
+    return x.permute(0, 1, 4, 2, 3).reshape(n, blocks * block, h, w)
+
+
 def kernel_arguments(
     input_shape: Sequence[int],
     weight_block: int,
@@ -104,14 +119,17 @@ def kernel_arguments(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None = None,
     output_shape: Sequence[int] | None = None,
+    in_block: int | None = None,
+    out_block: int | None = None,
 ) -> list[torch.Tensor]:
-    """The kernel's input arguments: the input as its spec shapes it, the weight blocked by ``weight_block``,
-    the bias, the residual as the kernel's (batched) output of ``output_shape``."""
-    args = [x.contiguous().view(*input_shape)]
+    """The kernel's input arguments: the input as its spec shapes it (channel-blocked by ``in_block``), the
+    weight blocked by ``weight_block``, the bias, the residual as the (batched, NCHW) output of ``output_shape``
+    (channel-blocked by ``out_block``)."""
+    args = [block_channels(x.contiguous().view(*input_shape), in_block)]
     if weight is not None:
         args.append(block_out_channels(weight, weight_block))
     if bias is not None:
         args.append(bias)
     if residual is not None:
-        args.append(residual.contiguous().view(*output_shape))
+        args.append(block_channels(residual.contiguous().view(*output_shape), out_block))
     return args

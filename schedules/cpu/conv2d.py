@@ -76,6 +76,17 @@ def _column_stride(sch: Schedule) -> int:
     return 1
 
 
+def _input_block(func: tvm.tirx.PrimFunc) -> int | None:
+    """The channel block of a channel-blocked (5-D, NCHW[x]c) input, None for an NCHW one."""
+    shape = func.params[0].shape
+    return int(shape[4]) if len(shape) == 5 else None
+
+
+def _input_channels(func: tvm.tirx.PrimFunc) -> int:
+    shape = func.params[0].shape
+    return int(shape[1]) * (_input_block(func) or 1)
+
+
 def _schedule(
     sch: Schedule,
     limit: int,
@@ -96,8 +107,13 @@ def _schedule(
     input plane first (``PLANE_MAX_PIXELS``).  ``sch`` is the unscheduled kernel the rule has inspected."""
     conv, out = sch.get_sblock("conv_blocked"), sch.get_sblock("conv2d")
     out_blocks, _, out_width, block = block_extents(sch, "conv_blocked")[1:5]
-    n, o, y, x = sch.get_loops(out)
-    oo, oi = sch.split(o, [None, block])
+    out_loops = sch.get_loops(out)
+    blocked_out = len(out_loops) == 5  # an NCHW[x]c output: the epilogue writes the accumulator's layout
+    if blocked_out:
+        n, oo, y, x, oi = out_loops
+    else:
+        n, o, y, x = out_loops
+        oo, oi = sch.split(o, [None, block])
     if vector_inner == "channel":
         if tunable:
             column_factors = sch.sample_perfect_tile(x, n=2, max_innermost_factor=limit)
@@ -115,17 +131,24 @@ def _schedule(
             column_factors, vector_factors = [None, _row_tile(out_width, limit)], [None, channels]
     xo, xi = sch.split(x, column_factors)
     ooo, ooi = sch.split(oo, vector_factors)
+    # the write-back's innermost loop: a tile's columns per channel into NCHW, a channel block into NCHW[x]c
+    tile = [ooi, xi, oi] if blocked_out else [ooi, oi, xi]
     if pad_per_row and vector_inner == "channel":
         # every channel block reads every input channel: pad a row once, then run all blocks over it
-        sch.reorder(n, y, ooo, xo, ooi, oi, xi)
+        sch.reorder(n, y, ooo, xo, *tile)
         rows, outer = sch.fuse(n, y), 3
     else:
-        sch.reorder(n, ooo, y, xo, ooi, oi, xi)
+        sch.reorder(n, ooo, y, xo, *tile)
         rows, outer = (sch.fuse(n, ooo), 3) if per_plane else (sch.fuse(n, ooo, y), 2)
     sch.parallel(rows)
     sch.compute_at(conv, xo, preserve_unit_loops=True)
     loops = inner_loops(sch, conv, outer, ["n", "blocks", "y", "column", "channel", "c", "i", "j"])
-    reduction = [loops["i"], loops["j"], loops["c"]] if taps_outer else [loops["c"], loops["i"], loops["j"]]
+    channel_loops = [loops["c"]]
+    in_block = _input_block(sch.mod["main"])
+    if in_block is not None and block_extents(sch, "conv_blocked")[5] % in_block == 0 and in_block > 1:
+        # a channel-blocked input: the reduction over input channels in its blocks, each block's lanes contiguous
+        channel_loops = list(sch.split(loops["c"], [None, in_block]))
+    reduction = [loops["i"], loops["j"], *channel_loops] if taps_outer else [*channel_loops, loops["i"], loops["j"]]
     if vector_inner == "channel":
         sch.reorder(*reduction, loops["blocks"], loops["column"], loops["channel"])
         sch.unroll(loops["blocks"])
@@ -136,8 +159,8 @@ def _schedule(
             sch.unroll(loops["blocks"])
     sch.vectorize(loops[vector_inner])
     # the NCHW write-back stores a tile's columns as one vector per channel (5% on ResNet's conv1, whose
-    # short reduction makes the write-back a fifth of the work)
-    sch.vectorize(xi)
+    # short reduction makes the write-back a fifth of the work); the NCHW[x]c one a channel block
+    sch.vectorize(tile[-1])
     sch.decompose_reduction(conv, reduction[0])
     if has_block(sch, "pad") and (pad_per_row or per_plane):
         pad = sch.get_sblock("pad")
@@ -202,7 +225,7 @@ class CpuConv2dSpatial:
         # divide the channels (a predicate in the unrolled loop) slower still.
         # On armv7 each channel's broadcast weight takes one of its 16 registers too: 7 channels spilled.
         limit = config.conv_accumulator_limit // 2 if config.taps_outer else config.conv_accumulator_limit
-        groups = int(func.params[0].shape[1]) // in_per_group
+        groups = _input_channels(func) // in_per_group
         channels = 1 if depthwise else largest_divisor(out_channels // groups, limit)
         if channels >= MIN_CHANNEL_TILE:
             return _schedule(sch, lanes, tunable, "column", config.taps_outer, channels=channels)

@@ -16,7 +16,9 @@ from .max_pool2d import max_pool2d_compute
 from .relu import relu_compute, spec_activation
 from .shapes import conv2d_output_hw, max_pool2d_output_hw
 
-__all__ = ["conv2d_compute", "linear_compute", "max_pool2d_compute", "relu_compute", "prim_func", "SYMBOL"]
+__all__ = [
+    "conv2d_compute", "linear_compute", "max_pool2d_compute", "relu_compute", "prim_func", "blocked_shape", "SYMBOL",
+]  # fmt: skip
 
 # The name of the kernel function inside every compiled library.
 SYMBOL = "tvmlayers_kernel"
@@ -24,7 +26,7 @@ SYMBOL = "tvmlayers_kernel"
 
 def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.Tensor]]:
     dtype = spec.dtype
-    data = te.placeholder(spec.input_shape, dtype, name="data")
+    data = te.placeholder(blocked_shape(spec.input_shape, spec.get("in_block")), dtype, name="data")
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = spec["weight_shape"]
         block = layout["weight_block"]
@@ -32,7 +34,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
         weight = te.placeholder((out_blocks, in_per_group, kh, kw, block), dtype, name="weight")
         bias = te.placeholder((out_channels,), dtype, name="bias") if spec["bias"] else None
         out_hw = conv2d_output_hw(spec.input_shape[-2:], (kh, kw), spec["stride"], spec["padding"], spec["dilation"])
-        out_shape = (spec.input_shape[0], out_channels, *out_hw)
+        out_shape = blocked_shape((spec.input_shape[0], out_channels, *out_hw), spec.get("out_block"))
         residual = te.placeholder(out_shape, dtype, name="residual") if spec.get("residual", False) else None
         out = conv2d_compute(
             data,
@@ -47,6 +49,7 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
             out_channels,
             residual=residual,
             activation=spec_activation(dict(spec.params)),
+            out_block=spec.get("out_block"),
         )
         return [data, weight] + [t for t in (bias, residual) if t is not None], [out]
     if spec.op == "max_pool2d":
@@ -64,6 +67,14 @@ def _tensors(spec: KernelSpec, layout: dict) -> tuple[list[te.Tensor], list[te.T
     if spec.op == "relu":
         return [data], [relu_compute(data)]
     raise ValueError(f"unknown op {spec.op!r}")
+
+
+def blocked_shape(shape: tuple[int, ...], block: int | None) -> tuple[int, ...]:
+    """An NCHW shape as its channel-blocked NCHW[block]c tensor has it (``block`` None: as it is)."""
+    if block is None:
+        return tuple(shape)
+    n, c, h, w = shape
+    return (n, c // block, h, w, block)
 
 
 def prim_func(spec: KernelSpec, layout: dict) -> tvm.tirx.PrimFunc:

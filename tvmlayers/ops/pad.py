@@ -1,4 +1,5 @@
-"""2-D padding of an NCHW tensor, as a tensor expression, in torch's four padding modes."""
+"""2-D padding of an NCHW (or channel-blocked NCHW[x]c) tensor, as a tensor expression, in torch's four padding
+modes."""
 
 from __future__ import annotations
 
@@ -19,22 +20,25 @@ def _source_index(i: tirx.Expr, pad_before: int, size: int, mode: str) -> tirx.E
 
 
 def pad2d_compute(data: te.Tensor, padding: tuple[int, int, int, int], mode: str) -> te.Tensor:
-    """Pad the last two dimensions by (top, left, bottom, right); mode is a torch padding_mode."""
+    """Pad dimensions 2 and 3 (an NCHW tensor's last two, an NCHW[x]c one's before the channel block) by (top,
+    left, bottom, right); mode is a torch padding_mode."""
     top, left, bottom, right = padding
     if not any(padding):
         return data
-    n, c, h, w = (int(d) for d in data.shape)
-    shape = (n, c, h + top + bottom, w + left + right)
+    n, c, h, w, *block = (int(d) for d in data.shape)
+    shape = (n, c, h + top + bottom, w + left + right, *block)
     if mode == "zeros":
         zero = tirx.const(0, data.dtype)
 
-        def value(b, ch, y, x):
+        def value(b, ch, y, x, *lane):
             inside = tirx.all(y >= top, y < top + h, x >= left, x < left + w)
-            return tirx.if_then_else(inside, data[b, ch, y - top, x - left], zero)
+            return tirx.if_then_else(inside, data[(b, ch, y - top, x - left, *lane)], zero)
 
         return te.compute(shape, value, name="pad")
     return te.compute(
         shape,
-        lambda b, ch, y, x: data[b, ch, _source_index(y, top, h, mode), _source_index(x, left, w, mode)],
+        lambda b, ch, y, x, *lane: data[
+            (b, ch, _source_index(y, top, h, mode), _source_index(x, left, w, mode), *lane)
+        ],
         name="pad",
     )
