@@ -114,8 +114,8 @@ TARGETS = {
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_blocked_convs_vectorize_over_the_block_on_every_cpu(target_name: str, depthwise: bool) -> None:
     """Under each named CPU (no hardware needed): the blocked micro-kernel takes the conv, reads the input's channel
-    blocks whole (the reduction over input channels split by the block), and stores each output block as one vector
-    (the epilogue's innermost loop, vectorized, is the block)."""
+    blocks whole (the reduction over input channels split by the block) where they lie (the padding inlined), and
+    stores each output block as one vector (the epilogue's innermost loop, vectorized, is the block)."""
     target = resolve_target(TARGETS[target_name])
     block = cpu_config(target).vector_lanes("float32")
     channels = 4 * block
@@ -126,6 +126,7 @@ def test_blocked_convs_vectorize_over_the_block_on_every_cpu(target_name: str, d
     assert rule == "cpu.conv2d_blocked"
     script = sch.mod.script()
     assert re.search(rf"for \w+ in T\.vectorized\({block}\):\n\s+with T\.sblock\(\"conv2d\"\)", script), script
+    assert 'T.sblock("pad")' not in script  # a blocked input is read in place, bounds tested: no padded copy
     if not depthwise:  # input channels in blocks, then each block's lanes
         assert re.search(rf"T\.axis\.reduce\({channels}, \w+_0 \* {block} \+ \w+_1\)", script), script
     tvm.compile(sch.mod, target=target)

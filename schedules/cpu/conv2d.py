@@ -183,6 +183,12 @@ class CpuConv2dBlocked:
         # 13 MB): padded a row at a time it stays in cache, 15% faster there, slower on small inputs.
         config = cpu_config(target)
         sch = Schedule(func)
+        if _input_block(func) is not None and has_block(sch, "pad"):
+            # A channel-blocked input is read where it lies, the padding a bounds test per tap and column that
+            # holds for a whole vector of channels: no padded copy, no parallel pass of its own before the conv.
+            # Measured on znver4 (2 threads, blocked in and out, against padding first, interleaved): depthwise
+            # 3x3 1.4-1.7x at stride 1 (32x112x112 to 960x7x7), 2.0-2.3x at stride 2; ResNet's 3x3 convs 1.01-1.04x.
+            sch.compute_inline(sch.get_sblock("pad"))
         itemsize = tvm.DataType(input_dtype(func)).bits // 8
         padded = math.prod(block_extents(sch, "pad")) * itemsize if has_block(sch, "pad") else 0
         pad_per_row = padded > config.l2_bytes
