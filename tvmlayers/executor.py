@@ -718,8 +718,9 @@ def _channel_blocks(model: GraphModule, kernels: dict, in_arena: set) -> dict[to
     the 1x1 convs stream contiguous channel blocks and store them as they are, no transpose to NCHW, and a
     depthwise conv vectorizes over channels (strided ones with no gathers).  Measured on znver4 (2 threads,
     MobileNetV2's convs alone, NCHW kernels / blocked ones, interleaved): depthwise 1.4-2.0x (strided 1.5-1.8x,
-    but 1.0x at 112x112), 1x1 convs of channels in 16s 1.0-1.4x, ResNet's 3x3 convs 1.0-1.06x; blocks of 8 where
-    16 lanes do not divide the channels (MobileNetV2's 24) 0.86-1.05x, so those stay NCHW.
+    but 1.0x at 112x112) before the blocked rule read its input in place, which doubled that again; 1x1 convs of
+    channels in 16s 1.0-1.4x, ResNet's 3x3 convs 1.0-1.06x.  Blocks of half a register where a whole one does
+    not divide the channels (MobileNetV2's 24): 0.86-1.05x per kernel and 1.005x for the model, so those stay NCHW.
     """
     convs: dict[torch.fx.Node, int] = {}
     for node, plan in kernels.items():
