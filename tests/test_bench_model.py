@@ -14,6 +14,8 @@ import torch
 from tvmlayers import model_bench
 from tvmlayers.cli import main
 from tvmlayers.model_bench import bench_model, from_json, load_model, match_leaves, relative_error, to_json
+from tvmlayers.schedules.cpu import cpu_config
+from tvmlayers.targets import resolve_target
 
 TINY = '''
 import torch
@@ -75,6 +77,23 @@ def test_converted_model_is_checked_timed_and_broken_down(tiny: Path) -> None:
     assert "inference program: 4 of 5 steps" in text
     assert "1 threads for every candidate" in text and "peers: eager ran" in text and "alternating" in text
     assert from_json(to_json([report])) == [report]
+
+
+def test_the_breakdown_times_the_programs_channel_blocked_kernels(tmp_path: Path) -> None:
+    """With 16 channels conv1's output, read only by conv2, is channel-blocked in the program: the breakdown times
+    the two kernels the program calls (NCHW in, blocked out; blocked in, NCHW out), each checked against torch."""
+    path = tmp_path / "wide.py"
+    path.write_text(TINY.replace("8, 3, padding=1, bias=False)", "16, 3, padding=1, bias=False)")
+                    .replace("BatchNorm2d(8)", "BatchNorm2d(16)").replace("Conv2d(8, 8,", "Conv2d(16, 8,")
+                    .replace("x = self.relu(self.conv2(x) + x)", "x = self.relu(self.conv2(x))"))  # fmt: skip
+    report = bench_model(str(path), threads=1, repeat=3, warmup=1, peers=["eager"])
+    assert report.candidate("tvmlayers").status == "ok"
+    assert report.program.endswith("1 channel-blocked")
+    labels = [row.layer for row in report.layers_settled]
+    block = f"NCHW{cpu_config(resolve_target('host')).vector_lanes('float32')}c"
+    assert any(label.startswith("conv2d+relu 1x3x16x16") and label.endswith(f"NCHW->{block}") for label in labels)
+    assert any(label.startswith("conv2d+relu 1x16x16x16") and label.endswith(f"{block}->NCHW") for label in labels)
+    assert all(row.correct for row in report.layers_settled + report.layers_alternating)
 
 
 def test_missing_peers_are_skipped_with_the_reason(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:

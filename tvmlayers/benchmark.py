@@ -23,9 +23,11 @@ import tvm
 from . import functional as tf
 from . import schedules
 from .formats import REPORT_FORMAT
+from .layer_specs import CHANNEL_BLOCKS
 from .nn import ReLU
 from .ops import SYMBOL
 from .ops.relu import ACTIVATIONS, spec_activation
+from .reference import unblock_channels
 from .spec import KernelSpec
 from .targets import TargetLike, resolve_target, target_key
 from .threads import get_num_threads, set_num_threads
@@ -170,7 +172,9 @@ def _label(spec: KernelSpec) -> str:
         out_channels, in_per_group, kh, kw = p["weight_shape"]
         groups = f" g{p['groups']}" if p["groups"] != 1 else ""
         channels = f"{in_per_group * p['groups']}->{out_channels}"
-        return f"{op} {shape} {channels} k{kh}x{kw} s{p['stride'][0]} p{p['padding'][0]}{groups}"
+        blocks = [p.get(name) for name in CHANNEL_BLOCKS]
+        layouts = " " + "->".join(f"NCHW{b}c" if b else "NCHW" for b in blocks) if any(blocks) else ""
+        return f"{op} {shape} {channels} k{kh}x{kw} s{p['stride'][0]} p{p['padding'][0]}{groups}{layouts}"
     if spec.op == "max_pool2d":
         return f"{op} {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}"
     if spec.op == "linear":
@@ -191,11 +195,20 @@ def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
 
 
 def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, list[torch.Tensor]]:
-    """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments)."""
+    """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments).  A
+    channel-blocked conv2d (a recorded program's) has no public call: its kernel is called as the program calls it,
+    on blocked inputs into a buffer it reuses."""
     x, w, b, r = random_inputs(spec, torch.Generator().manual_seed(0))
     p = dict(spec.params)
     fused = {f"fuse_{name}": bool(p.get(name, False)) for name in ACTIVATIONS}
-    if spec.op == "conv2d":
+    layout = schedules.weight_layout(spec)
+    if any(spec.get(name) is not None for name in CHANNEL_BLOCKS):
+        from .build import kernel_for  # noqa: PLC0415 - as _checked_row's
+
+        kernel, inputs = kernel_for(spec), kernel_inputs(spec, layout, x, w, b, r)
+        out = torch.empty(kernel.output_shapes[0], dtype=x.dtype)
+        ours = lambda: kernel.function(*inputs, out) or out  # noqa: E731
+    elif spec.op == "conv2d":
         top, left, bottom, right = p["padding"]
         padding = (top, left) if (top, left) == (bottom, right) else "same"  # only 'same' pads unevenly
         args = (p["stride"], padding, p["dilation"], p["groups"])
@@ -209,7 +222,6 @@ def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Calla
         ours = lambda: tf.linear(x, w, b, **fused, target=target)  # noqa: E731
     else:
         ours = lambda: tf.relu(x, target=target)  # noqa: E731
-    layout = schedules.weight_layout(spec)
     return ours, lambda: torch_reference(spec, x, w, b, r)[0], kernel_inputs(spec, layout, x, w, b, r)
 
 
@@ -370,6 +382,8 @@ def _checked_row(
     ours_call = ours or ours_call
     with torch.no_grad():
         got, want = _first(ours_call()), torch_call()
+    if spec.get("out_block") is not None:
+        got = unblock_channels(got)
     from .build import kernel_for  # noqa: PLC0415 - the kernel the call above just built or loaded
 
     kernel = kernel_for(spec)

@@ -60,6 +60,7 @@ from .graph import conv2d_add, has_forward_hooks
 from .nn import _base
 from .reference import block_channels, unblock_channels
 from .schedules.cpu import cpu_config, is_simd_cpu
+from .spec import KernelSpec
 
 __all__ = ["Program", "install", "programs"]
 
@@ -247,8 +248,9 @@ class Program:
 
     def __init__(self) -> None:
         self.steps: list[Callable[[list], None]] = []
-        # (path, module) of every kernel step's layer, in call order
+        # (path, module) of every kernel step's layer, in call order, and the spec of the kernel it calls
         self.kernel_modules: list[tuple[str, torch.nn.Module]] = []
+        self.kernel_specs: list[KernelSpec] = []
         # (path, module, state) of every torch module the program does not call: eval-mode identities
         # (``_IDENTITIES``), average pools run as kernels or skipped; checked before each run to be in that state
         # (the mode, the output size)
@@ -495,6 +497,7 @@ class Program:
         weight = module._parameters.get("weight") if weighted else None
         bias = module._parameters.get("bias") if weighted else None
         self.kernel_modules.append((_path(node), module))
+        self.kernel_specs.append(plan.kernel.spec)
         self._rely_on(model, _path(node), module)
         if weighted:
             self.parameters.append((module._parameters, weight, bias))

@@ -41,7 +41,7 @@ from .benchmark import (
     settled_and_alternating,
 )
 from .convert import convert
-from .executor import programs
+from .executor import Program, programs
 from .extract import extract_workloads
 from .formats import REPORT_FORMAT
 from .nn._base import CompiledLayer
@@ -506,7 +506,7 @@ def bench_model(
         recorded = programs(converted) if converted is not None else []
         report.program = recorded[-1].summary() if recorded else ""
         if layers and report.candidate("tvmlayers").status == "ok":
-            _bench_layers(converted, x, target, repeat, warmup, report)
+            _bench_layers(converted, recorded[-1] if recorded else None, x, target, repeat, warmup, report)
     return report
 
 
@@ -528,12 +528,23 @@ def _check(calls: dict[str, Calls], want: torch.Tensor, report: ModelReport) -> 
 
 
 def _bench_layers(
-    converted: torch.nn.Module, x: torch.Tensor, target: object, repeat: int, warmup: int, report: ModelReport
+    converted: torch.nn.Module,
+    program: Program | None,
+    x: torch.Tensor,
+    target: object,
+    repeat: int,
+    warmup: int,
+    report: ModelReport,
 ) -> None:
+    """Every distinct kernel the converted model runs against torch's twin layer: those of its recorded program
+    (channel-blocked convs among them), else of its layer calls."""
     peak = measure_peak(report.threads)
-    for workload in extract_workloads(converted, x):
-        spec = workload.spec(target)
-        report.layer_counts.append(workload.count)
+    if program is not None:
+        counts = Counter(program.kernel_specs)
+    else:
+        counts = Counter({workload.spec(target): workload.count for workload in extract_workloads(converted, x)})
+    for spec, count in counts.items():
+        report.layer_counts.append(count)
         settled, alternating = bench_spec_settled_and_alternating(spec, target, repeat, warmup, peak)
         report.layers_settled.append(settled)
         report.layers_alternating.append(alternating)
