@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tvmlayers as tl
-from tvmlayers import aot, build
+from tvmlayers import aot, build, executor
 from tvmlayers.aot import needed_specs
 from tvmlayers.cache import KernelCache
 from tvmlayers.spec import KernelSpec
@@ -199,3 +199,28 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_precompile_builds_the_kernels_of_a_converted_models_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted model's inference forward runs a recorded program whose convs take and give channel-blocked
+    activations (tvmlayers.executor): precompile records it, which builds those kernels in worker processes, so the
+    first forward builds nothing."""
+    monkeypatch.setattr(executor, "PARALLEL_BUILD_MIN", 1)  # this small model's 3 in parallel too
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.Conv2d(16, 8, 1), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 2),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 6, 6)
+    converted = tl.convert(model)
+    report = tl.precompile(converted, x, progress=False)
+    # the first conv gives blocked channels, the depthwise one takes and gives them, the 1x1 takes them
+    blocked = [spec for spec in report.kernels if spec.get("in_block") or spec.get("out_block")]
+    assert [(spec.get("in_block") is not None, spec.get("out_block") is not None) for spec in blocked] == [
+        (False, True), (True, True), (True, False)
+    ]  # fmt: skip
+    assert set(blocked) <= {record.spec for record in report.built}
+    assert executor.programs(converted)[0].kernel_specs[:3] == blocked
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(build, "_build", None)  # the forward finds every kernel loaded: it builds (calls) nothing
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)

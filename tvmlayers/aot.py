@@ -7,7 +7,9 @@ no data), where every tvmlayers call goes through its custom op's fake implement
 from the on-disk cache are then built by worker processes, one kernel each at a time (TVM compiles a kernel
 on one thread, so processes give real parallelism); each worker calls ``kernel_for``, which publishes its
 entry atomically under the key's file lock.  The parent finally loads every kernel, so the first real
-forward compiles nothing.
+forward compiles nothing.  A converted model in eval mode is also called once with grad disabled: that records
+its inference program (``tvmlayers.executor``), whose convs may need channel-blocked variants of their kernels,
+built the same way (:func:`build_kernels`).
 
 Ctrl-C ends the workers.  A kernel being built is left unpublished (its staging folder is removed by the
 next build of that key), so the cache holds only complete entries.
@@ -31,11 +33,12 @@ from torch._subclasses import FakeTensorMode
 from torch.utils._pytree import tree_map_only
 
 from .build import is_cached, kernel_for
+from .executor import is_installed, programs
 from .progress import clock
 from .spec import KernelSpec
 from .torch_ops import recorded_specs
 
-__all__ = ["BuildRecord", "PrecompileReport", "needed_specs", "precompile"]
+__all__ = ["BuildRecord", "PrecompileReport", "build_kernels", "needed_specs", "precompile"]
 
 
 @dataclass(frozen=True)
@@ -145,19 +148,46 @@ def precompile(
     """Build every kernel that ``model(*example_inputs)`` needs, in ``workers`` processes at once (this one
     and ``workers - 1`` started for it; default: one per core, at most one per missing kernel), with a
     progress bar on a terminal (``progress=False``: none); then load them, so that the first forward compiles
-    nothing.  Raises ``RuntimeError`` naming every kernel whose build failed (the others are built and cached).
+    nothing (a converted model in eval mode: its recorded program's too, recorded by one real call).  Raises
+    ``RuntimeError`` naming every kernel whose build failed (the others are built and cached).
     """
     start = time.monotonic()
     specs = needed_specs(model, *example_inputs)
-    missing = [spec for spec in specs if not is_cached(spec, cache_dir)]
     report = PrecompileReport(specs)
-    if missing:
-        report.workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))
-        report.built = _build_all(missing, report.workers, progress, cache_dir)
+    report.workers, report.built = build_kernels(specs, workers, progress, cache_dir)
     for spec in specs:
         kernel_for(spec, cache_dir)
+    if _records_a_program(model, example_inputs):
+        # A converted model's inference forward runs a recorded program, whose convs may be compiled for
+        # channel-blocked activations (tvmlayers.executor): one call records it, building those in parallel too.
+        with torch.no_grad():
+            model(*example_inputs)
+        for program in programs(model):
+            blocked = [spec for spec in program.kernel_specs if spec not in report.kernels]
+            report.kernels += blocked
+            report.built += [record for record in program.built if record.spec in blocked]
     report.seconds = time.monotonic() - start
     return report
+
+
+def _records_a_program(model: torch.nn.Module, example_inputs: tuple) -> bool:
+    """Whether ``model`` is a converted model in eval mode (``model.eval()``) whose forward records a program on
+    these inputs (a forward with grad disabled then changes nothing: no BatchNorm statistics, no dropout)."""
+    plain = all(type(x) is torch.Tensor and not x.requires_grad for x in example_inputs)
+    return is_installed(model) and plain and not model.training
+
+
+def build_kernels(
+    specs: list[KernelSpec], workers: int | None = None, progress: bool = True, cache_dir: Path | str | None = None
+) -> tuple[int, list[BuildRecord]]:
+    """Build those of ``specs`` not in the kernel cache yet, in ``workers`` processes at once (default: one per
+    core, at most one per missing kernel), with a progress bar on a terminal; returns the workers and what each
+    built.  Raises ``RuntimeError`` naming every kernel whose build failed."""
+    missing = list(dict.fromkeys(spec for spec in specs if not is_cached(spec, cache_dir)))
+    if not missing:
+        return 0, []
+    count = max(1, min(workers or os.cpu_count() or 1, len(missing)))
+    return count, _build_all(missing, count, progress, cache_dir)
 
 
 def _build_all(

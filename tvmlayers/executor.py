@@ -55,7 +55,8 @@ from torch.fx.graph_module import GraphModule
 from torch.nn.modules import module as _torch_module
 
 from . import functional as F
-from . import layouts, nn
+from . import layer_specs, layouts, nn
+from .build import is_cached
 from .graph import conv2d_add, has_forward_hooks
 from .nn import _base
 from .reference import block_channels, unblock_channels
@@ -108,11 +109,17 @@ def install(converted: GraphModule) -> GraphModule:
             return graph_forward(self, *args, **kwargs)
         return _run(self, graph_forward, args)
 
+    forward.records_programs = True  # type: ignore[attr-defined]  # what is_installed looks for
     cls.forward = forward
     cls.__reduce__ = _reduce
     if install not in converted._deepcopy_hooks:
         converted._register_deepcopy_hook(install)  # GraphModule rebuilds copies from the graph
     return converted
+
+
+def is_installed(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has the recorded-program forward (:func:`install`)."""
+    return getattr(type(model).forward, "records_programs", False)
 
 
 def _reduce(self: GraphModule) -> tuple:
@@ -256,6 +263,7 @@ class Program:
         # (the mode, the output size)
         self.skipped_modules: list[tuple[str, torch.nn.Module, tuple]] = []
         self.arena: list[torch.Tensor] = []
+        self.built: list = []  # the kernels recording built in parallel (tvmlayers.aot.BuildRecord)
         self.kernel_calls = 0  # steps calling a kernel: the layers' and the global average pools'
         self.blocked_layers: list[str] = []  # paths of the kernel steps writing channel-blocked (NCHW[x]c) buffers
         self.changes = (_base.module_changes, layouts.data_assignments, _registrations)
@@ -345,6 +353,14 @@ class Program:
         in_arena |= {node for node in pools if read_by_kernels_only(node)}
         blocks = _channel_blocks(model, kernels, in_arena)
         try:
+            blocked = [node for node in kernels if node in blocks or _data_args(node)[0] in blocks]
+            self.built = _build_many(
+                [
+                    layer_specs.conv2d_blocked_spec(kernels[node].kernel.spec, blocks.get(_data_args(node)[0]),
+                                                    blocks.get(node))
+                    for node in blocked
+                ]
+            )  # fmt: skip
             blocked_plans = {
                 node: F.conv2d_blocked_plan(plan, blocks.get(_data_args(node)[0]), blocks.get(node))
                 for node, plan in kernels.items()
@@ -762,6 +778,22 @@ def _channel_blocks(model: GraphModule, kernels: dict, in_arena: set) -> dict[to
             return convs
         for node in unblocked:
             del convs[node]
+
+
+# From how many missing kernels recording builds them in worker processes (``tvmlayers.aot``), not here one by one:
+# a worker takes seconds to start (importing torch and TVM), a small kernel about one to compile.
+PARALLEL_BUILD_MIN = 8
+
+
+def _build_many(specs: list) -> list:
+    """Build the kernels of ``specs`` missing from the cache in parallel, where there are many (MobileNetV2's
+    program: 49 channel-blocked convs); returns what was built (empty where ``kernel_for`` will build the few)."""
+    missing = [spec for spec in dict.fromkeys(specs) if not is_cached(spec)]
+    if len(missing) < PARALLEL_BUILD_MIN:
+        return []
+    from .aot import build_kernels  # noqa: PLC0415 - it loads the fake-tensor machinery, which few calls need
+
+    return build_kernels(missing)[1]
 
 
 def _alias_step(i: int, source: int) -> Callable[[list], None]:
