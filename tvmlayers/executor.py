@@ -352,20 +352,17 @@ class Program:
         pools = {node: _pool_plan(node, values, kernels) for node in pools if node.args[0] in in_arena}
         in_arena |= {node for node in pools if read_by_kernels_only(node)}
         blocks = _channel_blocks(model, kernels, in_arena)
+        # (input block, output block) of each conv reading or writing a blocked buffer
+        blocked = {
+            node: (blocks.get(_data_args(node)[0]), blocks.get(node))
+            for node in kernels
+            if node in blocks or _data_args(node)[0] in blocks
+        }
         try:
-            blocked = [node for node in kernels if node in blocks or _data_args(node)[0] in blocks]
             self.built = _build_many(
-                [
-                    layer_specs.conv2d_blocked_spec(kernels[node].kernel.spec, blocks.get(_data_args(node)[0]),
-                                                    blocks.get(node))
-                    for node in blocked
-                ]
-            )  # fmt: skip
-            blocked_plans = {
-                node: F.conv2d_blocked_plan(plan, blocks.get(_data_args(node)[0]), blocks.get(node))
-                for node, plan in kernels.items()
-                if node in blocks or _data_args(node)[0] in blocks
-            }
+                [layer_specs.conv2d_blocked_spec(kernels[node].kernel.spec, *pair) for node, pair in blocked.items()]
+            )
+            blocked_plans = {node: F.conv2d_blocked_plan(kernels[node], *pair) for node, pair in blocked.items()}
         except (TypeError, ValueError, RuntimeError) as err:  # a blocked kernel that does not build: NCHW throughout
             warnings.warn(f"tvmlayers: activations stay NCHW in this model's program: {err}", stacklevel=2)
             blocks, blocked_plans = {}, {}
