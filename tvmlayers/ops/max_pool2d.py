@@ -4,12 +4,11 @@ Windows read the input directly: a position outside the input counts as -inf and
 the window's maximum is taken in two passes, over its rows (``max_pool2d_rows``: each (padded) input column's
 maximum over the window's rows, for each output row), then over its columns: the first pass reads whole input
 rows (contiguous: SIMD vectors on a CPU), the second ``kW`` values per output instead of ``kH * kW``, without
-bounds checks.  The
-maximum does not depend on the order (a NaN anywhere still gives NaN).  The argmax
-reducer reproduces torch's CPU kernel exactly: the first maximum in row-major window order wins, a NaN
-wins over everything and propagates, and the index is ``y * W + x`` within the input plane.  Both start
-from -inf, not from the lowest finite value, so a window of -inf inputs gives -inf (and, like torch, the
-index of its first position inside the input).
+bounds checks.  The maximum does not depend on the order (a NaN anywhere still gives NaN).  The argmax reducer
+reproduces torch's CPU kernel exactly: the first maximum in row-major window order wins, a NaN wins over
+everything and propagates, and the index is ``y * W + x`` within the input plane.  Both start from -inf, not
+from the lowest finite value, so a window of -inf inputs gives -inf (and, like torch, the index of its first
+position inside the input).
 """
 
 from __future__ import annotations
