@@ -45,7 +45,7 @@ def _blocked(input_shape, weight_shape, in_block, out_block, dtype="float32", ta
             input_shape, weight_shape, weight_shape[:1], dtype, target, *args, relu=relu, relu6=relu6,
             residual=out_shape,
         )  # fmt: skip
-    return layer_specs.conv2d_blocked_spec(spec, in_block, out_block)
+    return layer_specs.blocked_spec(spec, in_block, out_block)
 
 
 KERNEL_CASES = {
@@ -86,12 +86,12 @@ def test_block_layout_round_trips_and_matches_the_kernels_indexing() -> None:
 def test_channel_blocks_are_checked() -> None:
     spec = _blocked((1, 24, 8, 8), (32, 24, 3, 3), None, None)
     with pytest.raises(ValueError, match="in_block must be a positive integer dividing the 24 channels, got 16"):
-        layer_specs.conv2d_blocked_spec(spec, 16, 16)
+        layer_specs.blocked_spec(spec, 16, 16)
     with pytest.raises(ValueError, match="out_block must be a positive integer dividing the 32 channels, got 0"):
-        layer_specs.conv2d_blocked_spec(spec, 8, 0)
-    blocked = layer_specs.conv2d_blocked_spec(spec, 8, 16)
-    with pytest.raises(ValueError, match="channel blocks apply to an NCHW conv2d spec"):
-        layer_specs.conv2d_blocked_spec(blocked, 8, 16)
+        layer_specs.blocked_spec(spec, 8, 0)
+    blocked = layer_specs.blocked_spec(spec, 8, 16)
+    with pytest.raises(ValueError, match="channel blocks apply to an NCHW conv2d or max_pool2d spec"):
+        layer_specs.blocked_spec(blocked, 8, 16)
     assert layer_specs.unblocked_spec(blocked) == spec
     # a workload file names the blocks as parameters: the same spec comes back, and bad ones fail as calls do
     params = dict(blocked.params)
@@ -99,6 +99,61 @@ def test_channel_blocks_are_checked() -> None:
     with pytest.raises(ValueError, match="out_block must be a positive integer dividing the 32 channels"):
         layer_specs.workload_spec("conv2d", list(spec.input_shape), "float32", params | {"out_block": 24}, HOST)
 
+
+
+def _blocked_pool(input_shape, kernel_size, stride, padding, dilation=1, ceil_mode=False, block=16, dtype="float32",
+                  target=HOST):  # fmt: skip
+    spec, _ = layer_specs.max_pool2d_spec(
+        input_shape, dtype, target, kernel_size, stride, padding, dilation, ceil_mode, False
+    )
+    return layer_specs.blocked_spec(spec, block, block)
+
+
+POOL_CASES = {
+    "resnet_3x3_stride2_padded": ((1, 32, 13, 13), 3, 2, 1, 1, False, "float32"),
+    "vgg_2x2": ((2, 32, 10, 12), 2, 2, 0, 1, False, "float32"),
+    "ceil_mode_partial_window": ((1, 32, 10, 11), 3, 2, 1, 1, True, "float32"),
+    "dilated": ((1, 32, 12, 12), 3, 1, 1, 2, False, "float32"),
+    "float64": ((1, 16, 9, 9), 3, 2, 1, 1, True, "float64"),
+}
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_blocked_max_pools_compute_torchs_numbers(case: str) -> None:
+    """Windows over an NCHW[x]c input, blocked alike out: torch's maxima, a NaN in a window giving NaN, a window of
+    -inf inputs (padded or not) -inf, and padding never winning."""
+    shape, kernel_size, stride, padding, dilation, ceil_mode, dtype = POOL_CASES[case]
+    block = 8 if dtype == "float64" else 16
+    spec = _blocked_pool(shape, kernel_size, stride, padding, dilation, ceil_mode, block, dtype)
+    x = torch.randn(shape, dtype=getattr(torch, dtype), generator=torch.Generator().manual_seed(3)) - 10
+    x[0, 0, 0, :3] = float("nan")
+    x[0, 1, :5, :5] = float("-inf")
+    x[0, block + 1, 4, 4] = float("nan")  # in the second block
+    kernel = kernel_for(spec)
+    out = torch.empty(kernel.output_shapes[0], dtype=x.dtype)
+    kernel.function(block_channels(x, block), out)
+    want = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    assert out.shape == (want.shape[0], want.shape[1] // block, *want.shape[2:], block)
+    torch.testing.assert_close(unblock_channels(out), want, rtol=0, atol=0, equal_nan=True)
+    assert unblock_channels(out).isnan().sum() == want.isnan().sum() > 0
+    assert (unblock_channels(out) == float("-inf")).sum() == (want == float("-inf")).sum() > 0
+
+
+def test_blocked_max_pool_specs_are_checked() -> None:
+    spec, _ = layer_specs.max_pool2d_spec((1, 32, 8, 8), "float32", HOST, 2, 2, 0, 1, False, False)
+    with pytest.raises(ValueError, match="returns no indices, got in_block=16, out_block=None"):
+        layer_specs.blocked_spec(spec, 16, None)
+    with pytest.raises(ValueError, match="in_block must be a positive integer dividing the 32 channels, got 12"):
+        layer_specs.blocked_spec(spec, 12, 12)
+    indices, _ = layer_specs.max_pool2d_spec((1, 32, 8, 8), "float32", HOST, 2, 2, 0, 1, False, True)
+    with pytest.raises(ValueError, match="return_indices=True"):
+        layer_specs.blocked_spec(indices, 16, 16)
+    blocked = layer_specs.blocked_spec(spec, 16, 16)
+    assert layer_specs.unblocked_spec(blocked) == spec
+    params = dict(blocked.params)
+    assert layer_specs.workload_spec("max_pool2d", [1, 32, 8, 8], "float32", params, HOST) == blocked
+    with pytest.raises(ValueError, match="unknown parameter"):
+        layer_specs.workload_spec("relu", [1, 32, 8, 8], "float32", {"in_block": 16}, HOST)
 
 TARGETS = {
     "znver4": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"},
@@ -132,6 +187,21 @@ def test_blocked_convs_vectorize_over_the_block_on_every_cpu(target_name: str, d
         assert re.search(rf"T\.axis\.reduce\({channels}, \w+_0 \* {block} \+ \w+_1\)", script), script
     tvm.compile(sch.mod, target=target)
 
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_blocked_max_pools_vectorize_over_the_block_on_every_cpu(target_name: str) -> None:
+    """Under each named CPU: one pass over the windows, each output the block's channels as one vector, with no
+    ``isnan`` call left (TVM's vectorizer does not vectorize it: the whole kernel ran scalar, 4x slower)."""
+    target = resolve_target(TARGETS[target_name])
+    block = cpu_config(target).vector_lanes("float32")
+    spec = _blocked_pool((1, 4 * block, 14, 14), 3, 2, 1, block=block, target=target)
+    sch, rule = schedules.default_schedule(ops.prim_func(spec, schedules.weight_layout(spec)), target)
+    assert rule == "cpu.max_pool2d"
+    script = sch.mod.script()
+    assert re.search(rf"for \w+ in T\.vectorized\({block}\):\n\s+with T\.sblock\(\"max_pool2d\"\)", script), script
+    assert "max_pool2d_rows" not in script and "isnan" not in script and "T.axis.reduce" not in script
+    tvm.compile(sch.mod, target=target)
 
 class BlockNet(nn.Module):
     """A stem, two MobileNetV2 inverted residuals (one adding its input), a 1x1 conv whose output goes to a pool and
@@ -228,3 +298,36 @@ def test_layouts_tied_to_a_value_torch_reads_stay_nchw() -> None:
     torch.manual_seed(1)
     converted, program = _recorded(Tied(), torch.randn(1, 3, 12, 12))
     assert program.blocked_layers == ["a", "b"]
+
+
+
+class PoolNet(nn.Module):
+    """VGG's and ResNet's stems: convs and max-pools; a pool whose output a residual reads, one with indices, and a
+    last one whose output torch reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.body = nn.Conv2d(32, 32, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.c = nn.Conv2d(32, 32, 1)
+        self.with_indices = nn.MaxPool2d(2, return_indices=True)
+        self.d = nn.Conv2d(32, 32, 1)
+        self.last = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pool(torch.relu(self.stem(x)))
+        b = self.pool2(torch.relu(self.body(p) + p))  # p: body's input and residual
+        values, indices = self.with_indices(self.c(b))
+        return self.last(self.d(values)).flatten(1), indices
+
+
+def test_max_pools_pass_blocked_activations_on() -> None:
+    """The stem writes blocked, its pool pools blocked into the residual block; the pool with indices, and the last
+    pool (flattened for torch), stay NCHW, and so do the convs writing them."""
+    torch.manual_seed(4)
+    converted, program = _recorded(PoolNet(), torch.randn(2, 3, 21, 21))
+    assert program.blocked_layers == ["stem", "pool", "body", "pool2"]
+    # the pool with indices runs as the graph calls it (two outputs), not as a kernel step
+    assert [s.get("in_block") for s in program.kernel_specs] == [None, LANES, LANES, LANES, LANES, None, None]

@@ -168,15 +168,15 @@ def _label(spec: KernelSpec) -> str:
     shape = "x".join(map(str, spec.input_shape))
     activation = spec_activation(p)
     op = spec.op + ("+add" if p.get("residual") else "") + (f"+{activation}" if activation else "")
+    blocks = [p.get(name) for name in CHANNEL_BLOCKS]
+    layouts = " " + "->".join(f"NCHW{b}c" if b else "NCHW" for b in blocks) if any(blocks) else ""
     if spec.op == "conv2d":
         out_channels, in_per_group, kh, kw = p["weight_shape"]
         groups = f" g{p['groups']}" if p["groups"] != 1 else ""
         channels = f"{in_per_group * p['groups']}->{out_channels}"
-        blocks = [p.get(name) for name in CHANNEL_BLOCKS]
-        layouts = " " + "->".join(f"NCHW{b}c" if b else "NCHW" for b in blocks) if any(blocks) else ""
         return f"{op} {shape} {channels} k{kh}x{kw} s{p['stride'][0]} p{p['padding'][0]}{groups}{layouts}"
     if spec.op == "max_pool2d":
-        return f"{op} {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}"
+        return f"{op} {shape} k{p['kernel_size'][0]} s{p['stride'][0]} p{p['padding'][0]}{layouts}"
     if spec.op == "linear":
         return f"{op} {shape} ->{p['weight_shape'][0]}"
     return f"{op} {shape}"
@@ -196,8 +196,8 @@ def _work(spec: KernelSpec, out_shape: tuple[int, ...]) -> tuple[float, str]:
 
 def _calls(spec: KernelSpec, target: tvm.target.Target) -> tuple[Callable, Callable, list[torch.Tensor]]:
     """(tvmlayers call through the public functional API, torch call, the bare kernel's input arguments).  A
-    channel-blocked conv2d (a recorded program's) has no public call: its kernel is called as the program calls it,
-    on blocked inputs into a buffer it reuses."""
+    channel-blocked conv2d or max_pool2d (a recorded program's) has no public call: its kernel is called as the
+    program calls it, on blocked inputs into a buffer it reuses."""
     x, w, b, r = random_inputs(spec, torch.Generator().manual_seed(0))
     p = dict(spec.params)
     fused = {f"fuse_{name}": bool(p.get(name, False)) for name in ACTIVATIONS}

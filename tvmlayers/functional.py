@@ -157,11 +157,11 @@ def _plan(input: tuple, spec: KernelSpec | None, out_shape: tuple[int, ...], kee
     return Plan(kernel, out_shape, in_view, out_view, templates, keeps_channels_last)
 
 
-def conv2d_blocked_plan(plan: Plan, in_block: int | None, out_block: int | None) -> Plan:
-    """The plan of ``plan``'s conv2d (a batched call's, whose kernel ran) with channel-blocked activations: the
-    input in blocks of ``in_block`` channels, the output and residual in blocks of ``out_block`` (None: NCHW;
-    ``layer_specs.conv2d_blocked_spec``).  Its shapes are the kernel's own (``out_shape`` the blocked output)."""
-    spec = layer_specs.conv2d_blocked_spec(plan.kernel.spec, in_block, out_block)
+def blocked_plan(plan: Plan, in_block: int | None, out_block: int | None) -> Plan:
+    """The plan of ``plan``'s conv2d or max_pool2d (a batched call's, whose kernel ran) with channel-blocked
+    activations: the input in blocks of ``in_block`` channels, the output (and residual) in blocks of ``out_block``
+    (None: NCHW; ``layer_specs.blocked_spec``).  Its shapes are the kernel's own (``out_shape`` the blocked output)."""
+    spec = layer_specs.blocked_spec(plan.kernel.spec, in_block, out_block)
     kernel = kernel_for(spec)
     template, out_shape = plan.out_templates[0], kernel.output_shapes[0]
     blocked = torch.empty((), dtype=template.dtype, device=template.device).expand(out_shape)

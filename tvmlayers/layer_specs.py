@@ -172,17 +172,25 @@ def conv2d_spec(
     return spec, out_shape
 
 
-# A conv2d spec may take its input and give its output (and residual) channel-blocked, NCHW[x]c
-# (``tvmlayers.ops.conv2d``): these parameters name the blocks; absent, the activation is torch's NCHW.
+# A conv2d or max_pool2d spec may take its input and give its output (and a conv's residual) channel-blocked,
+# NCHW[x]c (``tvmlayers.ops``): these parameters name the blocks; absent, the activation is torch's NCHW.  A
+# max-pool keeps its input's layout: both blocks alike, or neither.
 CHANNEL_BLOCKS = ("in_block", "out_block")
+BLOCKED_OPS = ("conv2d", "max_pool2d")
 
 
-def conv2d_blocked_spec(spec: KernelSpec, in_block: int | None, out_block: int | None) -> KernelSpec:
-    """``spec`` (a batched conv2d's, NCHW) with its input in blocks of ``in_block`` channels and its output and
-    residual in blocks of ``out_block`` (None: NCHW); each block must divide its channel count."""
-    if spec.op != "conv2d" or any(spec.get(name) is not None for name in CHANNEL_BLOCKS):
-        raise ValueError(f"channel blocks apply to an NCHW conv2d spec, not to {spec.describe()}")
-    out_channels = spec["weight_shape"][0]
+def blocked_spec(spec: KernelSpec, in_block: int | None, out_block: int | None) -> KernelSpec:
+    """``spec`` (a batched conv2d's or max_pool2d's, NCHW) with its input in blocks of ``in_block`` channels and
+    its output (and residual) in blocks of ``out_block`` (None: NCHW); each block must divide its channel count,
+    and a max-pool's two are the same (it has no indices: torch's are positions in NCHW planes)."""
+    if spec.op not in BLOCKED_OPS or any(spec.get(name) is not None for name in CHANNEL_BLOCKS):
+        raise ValueError(f"channel blocks apply to an NCHW conv2d or max_pool2d spec, not to {spec.describe()}")
+    if spec.op == "max_pool2d" and (in_block != out_block or spec["return_indices"]):
+        raise ValueError(
+            f"a channel-blocked max_pool2d keeps its input's blocks and returns no indices, got in_block={in_block!r}, "
+            f"out_block={out_block!r}, return_indices={spec['return_indices']}"
+        )
+    out_channels = spec["weight_shape"][0] if spec.op == "conv2d" else spec.input_shape[1]
     blocks = {}
     for name, block, channels in (("in_block", in_block, spec.input_shape[1]), ("out_block", out_block, out_channels)):
         if block is None:
@@ -190,7 +198,7 @@ def conv2d_blocked_spec(spec: KernelSpec, in_block: int | None, out_block: int |
         if not isinstance(block, int) or isinstance(block, bool) or block <= 0 or channels % block:
             raise ValueError(f"{name} must be a positive integer dividing the {channels} channels, got {block!r}")
         blocks[name] = block
-    return KernelSpec.make("conv2d", spec.input_shape, spec.dtype, spec.target, **dict(spec.params), **blocks)
+    return KernelSpec.make(spec.op, spec.input_shape, spec.dtype, spec.target, **dict(spec.params), **blocks)
 
 
 def unblocked_spec(spec: KernelSpec) -> KernelSpec:
@@ -292,7 +300,7 @@ def relu_spec(in_shape: Shape, dtype: str, target: tvm.target.Target) -> tuple[K
 
 # The parameters of each op in a workload file (KernelSpec's, normalized as conv2d_spec etc. write them);
 # "relu" and "relu6" (fused activations, at most one) are optional and false by default, and so is conv2d's
-# "residual" (an added output-shaped input); conv2d's ``CHANNEL_BLOCKS`` are optional integers.
+# "residual" (an added output-shaped input); conv2d's and max_pool2d's ``CHANNEL_BLOCKS`` are optional integers.
 WORKLOAD_PARAMS = {
     "conv2d": ("weight_shape", "stride", "padding", "dilation", "groups", "padding_mode", "bias"),
     "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
@@ -331,7 +339,8 @@ def workload_spec(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     fusable = ACTIVATIONS if op in _FUSABLE else ()
-    allowed = WORKLOAD_PARAMS[op] + fusable + (("residual", *CHANNEL_BLOCKS) if op == "conv2d" else ())
+    allowed = WORKLOAD_PARAMS[op] + fusable + (("residual",) if op == "conv2d" else ())
+    allowed += CHANNEL_BLOCKS if op in BLOCKED_OPS else ()
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {op}; expected {', '.join(allowed)}")
@@ -365,8 +374,6 @@ def workload_spec(
         spec, out_shape = conv2d_spec(*args, padding_is_normalized=True, relu6=relu6)
         if _flag("residual", params.get("residual", False)):  # a flag in the file: the residual has the output's shape
             spec, _ = conv2d_spec(*args, padding_is_normalized=True, residual=out_shape, relu6=relu6)
-        if any(name in params for name in CHANNEL_BLOCKS):
-            spec = conv2d_blocked_spec(spec, params.get("in_block"), params.get("out_block"))
     elif op == "max_pool2d":
         spec, _ = max_pool2d_spec(
             shape,
@@ -384,4 +391,6 @@ def workload_spec(
         spec, _ = linear_spec(shape, weight, bias, dtype, target, relu, relu6)
     else:
         spec, _ = relu_spec(shape, dtype, target)
+    if any(name in params for name in CHANNEL_BLOCKS):
+        spec = blocked_spec(spec, params.get("in_block"), params.get("out_block"))
     return spec
