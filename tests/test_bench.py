@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import conv3x3_spec
@@ -99,11 +100,22 @@ def test_settled_and_alternating_time_both_ways_in_the_same_rounds() -> None:
     order: list[str] = []
     settled_a, settled_b = (lambda: order.append("A")), (lambda: order.append("B"))
     alternating_a, alternating_b = (lambda: order.append("a")), (lambda: order.append("b"))
-    settled, alternating = settled_and_alternating(
+    settled, alternating, after_twin = settled_and_alternating(
         [settled_a, settled_b], [alternating_a, alternating_b], repeat=7, warmup=1, block=3, settle_s=0.0
     )
-    assert [len(t) for t in settled + alternating] == [7, 7, 7, 7]
+    assert [len(t) for t in settled + alternating] == [7, 7, 7, 7] and after_twin == []
     assert all(t >= 0 for times in settled + alternating for t in times)
     calls = "".join(order[4:])  # after the warm-up call of each
     # a round: A's settling call and block, B's, then the alternating calls one by one; three rounds (3, 3, 1)
     assert calls == "AAAABBBBababab" * 2 + "AABBab", calls
+    # with twins, each round then times every settled call right after its twin (untimed), one by one
+    order.clear()
+    twin_a, twin_b = (lambda: order.append("x")), (lambda: order.append("y"))
+    settled, alternating, after_twin = settled_and_alternating(
+        [settled_a, settled_b], [alternating_a, alternating_b], repeat=2, warmup=1, block=2, settle_s=0.0,
+        twins=[twin_a, twin_b],
+    )  # fmt: skip
+    assert [len(t) for t in after_twin] == [2, 2]
+    assert "".join(order[6:]) == "AAABBBababxAyBxAyB", order
+    with pytest.raises(ValueError):
+        settled_and_alternating([settled_a, settled_b], [alternating_a], 1, 0, twins=[twin_a])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -71,12 +72,21 @@ def test_converted_model_is_checked_timed_and_broken_down(tiny: Path) -> None:
     assert report.program.startswith("4 of 5 steps call kernels directly, 2 arena buffers")
     assert report.layers_settled and len(report.layers_settled) == len(report.layers_alternating)
     assert len(report.layer_counts) == len(report.layers_settled)
-    for settled, alternating in zip(report.layers_settled, report.layers_alternating, strict=True):
-        assert settled.layer == alternating.layer and settled.speedup and alternating.speedup
+    rows = zip(report.layers_settled, report.layers_alternating, report.layers_after_twin, strict=True)
+    for settled, alternating, after_twin in rows:
+        assert settled.layer == alternating.layer == after_twin.layer
+        assert settled.speedup and alternating.speedup and after_twin.speedup
+    assert set(report.layer_geomeans()) == {"settled", "alternating", "after own twin"}
     text = report.render()
     assert "inference program: 4 of 5 steps" in text
     assert "1 threads for every candidate" in text and "peers: eager ran" in text and "alternating" in text
+    assert "after own twin: speedup" in text and "per-layer speedup over torch (geomean, weighted by calls)" in text
     assert from_json(to_json([report])) == [report]
+    # a report written before the control rows were timed still reads and renders, without them
+    older = json.loads(to_json([report]))
+    del older[0]["layers_after_twin"]
+    (read,) = from_json(json.dumps(older))
+    assert read.layers_after_twin == [] and "after own twin 0" not in read.render()
 
 
 def test_the_breakdown_times_the_programs_channel_blocked_kernels(tmp_path: Path) -> None:

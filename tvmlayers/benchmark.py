@@ -265,7 +265,8 @@ def settled_and_alternating(
     warmup: int,
     block: int = 5,
     settle_s: float = 0.02,
-) -> tuple[list[list[float]], list[list[float]]]:
+    twins: Sequence[Callable] = (),
+) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
     """Time the candidates both ways in the same rounds, ``repeat`` calls each per way (seconds per call).
 
     Each round times every ``settled_calls[i]`` in a block of ``block`` calls after ``settle_s`` of untimed
@@ -274,12 +275,20 @@ def settled_and_alternating(
     of a shared machine, and their ratio measures what switching costs, not what the load did meanwhile.
     The two lists are the same functions except where a candidate is set up differently for alternating
     (ONNX Runtime's pool: see :mod:`tvmlayers.model_bench`).
+
+    ``twins`` (none, or one per settled call: the same call on data of its own) adds a third way, the control
+    for the alternating one: each settled call timed right after its twin, one by one, in the same rounds.  A
+    call after its twin finds its own data out of the way as it does after another library's call, but its own
+    code and thread pool where it left them; what alternating costs beyond that is the switch between libraries.
+    Returns (settled, alternating, after the twin: empty without twins).
     """
-    for fn in (*settled_calls, *alternating_calls):
+    for fn in (*settled_calls, *alternating_calls, *twins):
         for _ in range(warmup):
             fn()
     settled: list[list[float]] = [[] for _ in settled_calls]
     alternating: list[list[float]] = [[] for _ in alternating_calls]
+    after_twin: list[list[float]] = [[] for _ in twins]
+    pairs = list(zip(settled_calls, twins, after_twin, strict=True)) if twins else []
     while len(settled[-1]) < repeat:
         count = min(block, repeat - len(settled[-1]))
         for fn, out in zip(settled_calls, settled, strict=True):
@@ -291,7 +300,11 @@ def settled_and_alternating(
         for _ in range(count):
             for fn, out in zip(alternating_calls, alternating, strict=True):
                 out += _timed(fn, 1)
-    return settled, alternating
+        for _ in range(count):
+            for fn, twin, out in pairs:
+                twin()
+                out += _timed(fn, 1)
+    return settled, alternating, after_twin
 
 
 def _timed(fn: Callable, count: int) -> list[float]:
@@ -358,20 +371,23 @@ def bench_spec(
 
 def bench_spec_settled_and_alternating(
     spec: KernelSpec, target: tvm.target.Target, repeat: int, warmup: int, peak: tuple[float, float]
-) -> tuple[BenchRow, BenchRow]:
-    """Two rows timed in the same rounds (:func:`settled_and_alternating`): settled, and the two calls
-    alternating one by one with nothing in between, as they do inside a converted model."""
+) -> tuple[BenchRow, BenchRow, BenchRow]:
+    """Three rows timed in the same rounds (:func:`settled_and_alternating`): settled; the two calls alternating
+    one by one with nothing in between, as they do inside a converted model; and each call right after its twin
+    (the same call on inputs of its own), the control that tells the switch between libraries from the rest."""
     settled, ours_call, torch_call, timing = _checked_row(spec, target, None)
-    alternating = copy.copy(settled)
+    alternating, after_twin = copy.copy(settled), copy.copy(settled)
     if settled.correct:
         calls = [ours_call, torch_call]
+        ours_twin, torch_twin, _ = _calls(spec, target)  # fresh inputs (and packed weights) of their own
         with torch.no_grad():
-            (ours_settled, torch_settled), (ours_alternating, torch_alternating) = settled_and_alternating(
-                calls, calls, repeat, warmup
+            (ours_settled, torch_settled), (ours_alternating, torch_alternating), (ours_after, torch_after) = (
+                settled_and_alternating(calls, calls, repeat, warmup, twins=[ours_twin, torch_twin])
             )
         timing(settled, ours_settled, torch_settled, repeat, peak)
         timing(alternating, ours_alternating, torch_alternating, repeat, peak)
-    return settled, alternating
+        timing(after_twin, ours_after, torch_after, repeat, peak)
+    return settled, alternating, after_twin
 
 
 def _checked_row(

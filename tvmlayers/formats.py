@@ -187,7 +187,8 @@ KERNEL_CACHE_VERSION = 1
 TUNING_LOG_VERSION = 1
 WORKLOAD_FORMAT = 1
 REPORT_FORMAT = 3  # 2: call overhead fields; 3: model reports time a loop of the model alone and alternating calls
-# (and may carry ``program``, a line on the recorded inference program: optional, read as "" where absent)
+# (and may carry ``program``, a line on the recorded inference program: optional, read as "" where absent, and
+# ``layers_after_twin``, the per-layer control rows: optional, read as none where absent)
 BUNDLE_FORMAT = 1
 RUNTIME_PACK_FORMAT = 1
 TRAVEL_FORMAT = 1

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import platform
 import sys
 import warnings
@@ -253,9 +254,11 @@ class ModelReport:
     conversion: str = ""  # convert's own summary (converted.tvmlayers_report): what was folded and fused
     fused: dict[str, int] = field(default_factory=dict)  # tvmlayers layer types in the converted model
     program: str = ""  # what the converted model's recorded inference program runs (tvmlayers.executor)
-    # the converted model's kernels against torch's twin layers: settled, then alternating without settling
+    # the converted model's kernels against torch's twin layers: settled, then alternating without settling, and
+    # each library's call right after its own twin (inputs of its own): what alternating costs beyond the switch
     layers_settled: list[BenchRow] = field(default_factory=list)
     layers_alternating: list[BenchRow] = field(default_factory=list)
+    layers_after_twin: list[BenchRow] = field(default_factory=list)
     layer_counts: list[int] = field(default_factory=list)  # calls of each layer per forward
     format: int = REPORT_FORMAT
 
@@ -272,7 +275,14 @@ class ModelReport:
         candidates = [Candidate(**c) for c in data.pop("candidates")]
         settled = [BenchRow(**r) for r in data.pop("layers_settled")]
         alternating = [BenchRow(**r) for r in data.pop("layers_alternating")]
-        return cls(**data, candidates=candidates, layers_settled=settled, layers_alternating=alternating)
+        after_twin = [BenchRow(**r) for r in data.pop("layers_after_twin", [])]
+        return cls(
+            **data,
+            candidates=candidates,
+            layers_settled=settled,
+            layers_alternating=alternating,
+            layers_after_twin=after_twin,
+        )
 
     def header(self) -> str:
         peers = ", ".join(f"{c.name} {c.status}" for c in self.candidates if c.name not in ("tvmlayers", "eager"))
@@ -303,10 +313,10 @@ class ModelReport:
 
     def _layer_table(self) -> tuple[list[str], list[list[str]]]:
         header = ["layer", "calls", "settled: ours ms", "torch ms", "speedup"]
-        header += ["alternating: ours ms", "torch ms", "speedup"]
+        header += ["alternating: ours ms", "torch ms", "speedup", "after own twin: speedup", "switch us: ours", "torch"]
         lines = []
-        for count, settled, alternating in zip(
-            self.layer_counts, self.layers_settled, self.layers_alternating, strict=True
+        for count, settled, alternating, after_twin in zip(
+            self.layer_counts, self.layers_settled, self.layers_alternating, self._after_twin(), strict=True
         ):
             cells = [settled.layer, str(count)]
             for row in (settled, alternating):
@@ -314,8 +324,30 @@ class ModelReport:
                     cells += [f"WRONG (max error {row.max_error:.3g})", "", ""]
                 else:
                     cells += [f"{row.ours_ms:.3f}", f"{row.torch_ms:.3f}", f"{row.speedup:.2f}x"]
+            if after_twin is None or after_twin.speedup is None or alternating.speedup is None:
+                cells += ["", "", ""]
+            else:
+                ours_switch = (alternating.ours_ms - after_twin.ours_ms) * 1e3
+                torch_switch = (alternating.torch_ms - after_twin.torch_ms) * 1e3
+                cells += [f"{after_twin.speedup:.2f}x", f"{ours_switch:.1f}", f"{torch_switch:.1f}"]
             lines.append(cells)
         return header, lines
+
+    def _after_twin(self) -> list[BenchRow | None]:
+        """The control rows, one per layer (None for each in a report written before they were timed)."""
+        return list(self.layers_after_twin) or [None] * len(self.layers_settled)
+
+    def layer_geomeans(self) -> dict[str, float]:
+        """The geometric mean over the layers of the speedup each way ("settled", "alternating", "after own
+        twin"), weighted by calls per forward; ways without a time for every layer are left out."""
+        ways = {"settled": self.layers_settled, "alternating": self.layers_alternating}
+        ways["after own twin"] = self.layers_after_twin
+        means = {}
+        for way, rows in ways.items():
+            if rows and all(row.speedup for row in rows):
+                logs = [count * math.log(row.speedup) for count, row in zip(self.layer_counts, rows, strict=True)]
+                means[way] = math.exp(sum(logs) / sum(self.layer_counts))
+        return means
 
     def _notes(self) -> list[str]:
         fused = ", ".join(f"{name} {count}" for name, count in self.fused.items()) or "nothing converted"
@@ -326,12 +358,20 @@ class ModelReport:
         ]
         if self.program:
             notes.append(f"inference program: {self.program}")
+        geomeans = self.layer_geomeans()
+        if geomeans:
+            speedups = ", ".join(f"{way} {value:.2f}x" for way, value in geomeans.items())
+            notes.append(f"per-layer speedup over torch (geomean, weighted by calls): {speedups}")
         return notes
 
     def render(self, markdown: bool = False) -> str:
         parts = [self.header(), render_table(*self._candidate_table(), markdown), *self._notes()]
         if self.layers_settled:
-            parts += ["per layer, settled (no switch cost) and alternating one by one with torch's twin layer:"]
+            parts += [
+                "per layer, settled (no switch cost), alternating one by one with torch's twin layer, and each "
+                "library's call right after its own twin (inputs of its own: the control); switch = alternating "
+                "minus after own twin, what a call pays for following the other library's:"
+            ]
             parts += [render_table(*self._layer_table(), markdown)]
         return ("\n\n" if markdown else "\n").join(parts) + "\n"
 
@@ -490,7 +530,7 @@ def bench_model(
             report.conversion = conversion.summary() if conversion is not None else ""
             report.leaves, report.leaves_matched, report.first_unmatched = match_leaves(model, converted, x)
         timed = _check(calls, want, report)
-        loop, alternating = settled_and_alternating(
+        loop, alternating, _ = settled_and_alternating(
             [calls[n].loop for n in timed], [calls[n].alternating for n in timed], repeat, warmup, LOOP_BLOCK
         )
         for candidate_name, loop_s, alternating_s in zip(timed, loop, alternating, strict=True):
@@ -545,9 +585,10 @@ def _bench_layers(
         counts = Counter({workload.spec(target): workload.count for workload in extract_workloads(converted, x)})
     for spec, count in counts.items():
         report.layer_counts.append(count)
-        settled, alternating = bench_spec_settled_and_alternating(spec, target, repeat, warmup, peak)
+        settled, alternating, after_twin = bench_spec_settled_and_alternating(spec, target, repeat, warmup, peak)
         report.layers_settled.append(settled)
         report.layers_alternating.append(alternating)
+        report.layers_after_twin.append(after_twin)
 
 
 def _one_line(err: BaseException) -> str:
