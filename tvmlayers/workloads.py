@@ -19,7 +19,9 @@ Format (version 1)::
     #   max_pool2d: kernel_size, stride, padding, dilation (pairs), ceil_mode, return_indices
     #   linear:     weight_shape = [out_features, in_features], bias = true
     #   conv2d and linear may add relu = true (the fused layer), conv2d residual = true (an added input of
-    #   the output's shape, ResNet's shortcut: relu?(conv2d + residual))
+    #   the output's shape, ResNet's shortcut: relu?(conv2d + residual)); conv2d and max_pool2d in_block and
+    #   out_block = 16 (channel-blocked NCHW16c activations, as a recorded program runs them; a max-pool's
+    #   two alike)
 
 Hand-written files use torch's normalized values (e.g. padding 1 becomes [1, 1, 1, 1]);
 :func:`tvmlayers.extract.extract_workloads` writes them for any model.  Every parameter is
